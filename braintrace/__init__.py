@@ -1,0 +1,18 @@
+"""braintrace: online training of recurrent JAX models by eligibility traces.
+
+The core is framework-agnostic; ``braintrace_flax`` and ``braintrace_eqx`` are the
+Flax and Equinox faces.
+"""
+
+from . import ops, registry
+from .primitive import ETPIdentityWarning, ETPPrimitive, register_primitive
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ETPPrimitive",
+    "ETPIdentityWarning",
+    "register_primitive",
+    "ops",
+    "registry",
+]
