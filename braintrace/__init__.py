@@ -4,7 +4,8 @@ The core is framework-agnostic; ``braintrace_flax`` and ``braintrace_eqx`` are t
 Flax and Equinox faces.
 """
 
-from . import ops, registry
+from . import compiler, ops, registry
+from .compiler import CompileError, compile_graph
 from .primitive import ETPIdentityWarning, ETPPrimitive, register_primitive
 
 __version__ = "0.1.0"
@@ -14,5 +15,8 @@ __all__ = [
     "ETPIdentityWarning",
     "register_primitive",
     "ops",
+    "compiler",
+    "compile_graph",
+    "CompileError",
     "registry",
 ]

@@ -1,0 +1,219 @@
+"""Which values reach which, and whether every path is position-preserving.
+
+A *source* is a hidden input leaf ``('h', i)`` or an ETP op output ``('y', k)``.
+Each value carries a map ``source -> Reach``: whether some path from the source is
+position-preserving (``ok``) and the names of the non-position-preserving
+operations on the other paths (``bad``). A node that is not position-preserving
+for a tainted operand is a *cut node*: when the compiler computes ``D`` and ``D_f``
+it stops the derivative at its operands, so both keep exactly the
+position-preserving paths and the report names what was dropped.
+
+Paths into an ETP op's input ``x`` end there (``D`` and ``D_f`` hold ETP outputs
+fixed); they are recorded so the report can say a parameter reaches a hidden state
+only through another ETP op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from .. import registry
+from .program import Program, sub_jaxprs
+
+# Operations that map position k of every operand to position k of the result.
+ELEMENTWISE = frozenset(
+    """
+    abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj copy
+    copy_p cos cosh digamma div erf erf_inv erfc exp exp2 expm1 floor imag integer_pow
+    is_finite lgamma log log1p logistic max min mul ne neg nextafter not or pow real
+    reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor
+    convert_element_type eq ge gt le lt
+    """.split()
+)
+COMPARISONS = frozenset({"eq", "ne", "ge", "gt", "le", "lt"})
+WITH_BODY = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "cond"})
+REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Reach:
+    ok: bool
+    bad: frozenset = frozenset()
+
+    def merge(self, other: "Reach") -> "Reach":
+        return Reach(self.ok or other.ok, self.bad | other.bad)
+
+    def broken(self, reason: str) -> "Reach":
+        return Reach(False, self.bad | {reason})
+
+
+def merge(*taints: dict) -> dict:
+    out: dict = {}
+    for taint in taints:
+        for src, reach in taint.items():
+            out[src] = out[src].merge(reach) if src in out else reach
+    return out
+
+
+def _is_float(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _non_unit(shape) -> tuple:
+    return tuple(d for d in shape if d != 1)
+
+
+def _structural(prim_name: str, params, in_avals, out_aval, batched: bool) -> list[bool]:
+    """For each operand: does this op keep its positions? (shape-level rules)"""
+    out_shape = tuple(out_aval.shape)
+    if prim_name in ELEMENTWISE:
+        return [tuple(a.shape) == out_shape for a in in_avals]
+    if prim_name == "broadcast_in_dim":
+        dims = params["broadcast_dimensions"]
+        in_shape = tuple(in_avals[0].shape)
+        kept = all(in_shape[i] == out_shape[d] for i, d in enumerate(dims))
+        new = [d for d in range(len(out_shape)) if d not in dims]
+        added_ok = all(out_shape[d] == 1 or (batched and d == 0) for d in new)
+        return [kept and added_ok] + [False] * (len(in_avals) - 1)
+    if prim_name in ("reshape", "squeeze", "expand_dims"):
+        same = _non_unit(in_avals[0].shape) == _non_unit(out_shape)
+        return [same] + [False] * (len(in_avals) - 1)
+    if prim_name == "transpose":
+        perm = params["permutation"]
+        moved = [p for i, p in enumerate(perm) if p != i and in_avals[0].shape[p] != 1]
+        return [not moved]
+    if prim_name in REDUCTIONS:
+        shape = in_avals[0].shape
+        return [all(shape[a] == 1 for a in params["axes"])]
+    return [False] * len(in_avals)
+
+
+@dataclasses.dataclass
+class PathInfo:
+    """Result of the analysis of a program."""
+
+    taints: dict  # value id -> {source: Reach}
+    cut_nodes: set  # node indices whose operands are cut when computing D and D_f
+    into_etp_x: dict  # source -> set of op indices whose input x it reaches
+
+
+def _body_taints(jaxpr, in_taints, batched):
+    """Structural analysis of a sub-jaxpr (custom_jvp/vjp body, cond branch).
+
+    Comparisons keep their taint here: a surrogate-gradient spike is a comparison
+    in its primal body and a smooth map in its custom derivative.
+    """
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    env = {v: t for v, t in zip(inner.invars, in_taints)}
+
+    def read(atom):
+        return env.get(atom, {}) if not hasattr(atom, "val") else {}
+
+    for eqn in inner.eqns:
+        ins = [read(a) for a in eqn.invars]
+        outs = _transfer(eqn, ins, batched, top_level=False)[0]
+        for var, t in zip(eqn.outvars, outs):
+            env[var] = t
+    return [read(a) for a in inner.outvars]
+
+
+def _transfer(eqn, in_taints, batched, top_level):
+    """Taints of ``eqn``'s results and whether the node must be cut."""
+    name = eqn.primitive.name
+    in_avals = [a.aval for a in eqn.invars]
+    out_avals = [v.aval for v in eqn.outvars]
+    n_out = len(out_avals)
+    if not any(in_taints):
+        return [{} for _ in range(n_out)], False
+
+    if name in WITH_BODY:
+        operands = list(in_taints)
+        bodies = sub_jaxprs(eqn.params)
+        if name == "cond":
+            operands[0] = {}  # the branch index carries no derivative
+            bodies_args = [(b, 1) for b in bodies]
+        else:
+            bodies_args = [(bodies[0], 0)]
+        # Summarise the body: which operand reaches which result, and how.
+        summaries = []
+        for body, skip in bodies_args:
+            probes = [{i: Reach(True)} if t else {} for i, t in enumerate(operands)][skip:]
+            summaries.append(_body_taints(body, probes, batched))
+        reach = [merge(*(s[j] for s in summaries)) for j in range(n_out)]
+        cut = any(r.bad or not r.ok for t in reach for r in t.values())
+        outs = []
+        for t in reach:
+            out = merge(*(operands[i] for i in t))
+            outs.append({src: r.broken(name) for src, r in out.items()} if cut else out)
+        return outs, cut
+
+    if name == "stop_gradient":
+        return [{} for _ in range(n_out)], False
+    if top_level and name in COMPARISONS:
+        return [{} for _ in range(n_out)], False  # boolean result: no derivative
+
+    if name == "select_n":
+        in_taints = [{}] + list(in_taints[1:])  # the predicate carries no derivative
+    keeps = _structural(name, eqn.params, in_avals, out_avals[0], batched)
+    cut = False
+    per_input = []
+    for taint, keep in zip(in_taints, keeps):
+        if taint and not keep:
+            cut = True
+            taint = {s: r.broken(name) for s, r in taint.items()}
+        per_input.append(taint)
+    out = merge(*per_input)
+    if top_level and not _is_float(out_avals[0]):
+        out = {}
+    return [out] * n_out, cut
+
+
+def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> PathInfo:
+    """Propagate reach from ``sources`` (value id -> source key) through ``program``.
+
+    ``etp_nodes`` maps node index -> op index for the ETP equations.
+    """
+    taints: dict = {vid: {src: Reach(True)} for vid, src in sources.items()}
+    cut_nodes: set = set()
+    into_etp_x: dict = {}
+
+    def read(atom):
+        return taints.get(atom, {}) if isinstance(atom, int) else {}
+
+    for index, node in enumerate(program.nodes):
+        ins = [read(a) for a in node.inputs]
+        if index in etp_nodes:
+            prim = node.primitive
+            x_index = registry.get_x_invar_index(prim)
+            if x_index is not None and ins[x_index]:
+                if registry.is_gradient_enabled(prim):
+                    outs, cut = _transfer(_ElementwiseView(node.eqn, x_index), [ins[x_index]],
+                                          batched, True)
+                    for vid, t in zip(node.outputs, outs):
+                        taints[vid] = merge(taints.get(vid, {}), t)
+                    cut_nodes.update([index] if cut else [])
+                for src in ins[x_index]:
+                    into_etp_x.setdefault(src, set()).add(etp_nodes[index])
+            continue  # the op's own output is a source, set above
+        outs, cut = _transfer(node.eqn, ins, batched, top_level=True)
+        if cut:
+            cut_nodes.add(index)
+        for vid, t in zip(node.outputs, outs):
+            if t:
+                taints[vid] = t
+    return PathInfo(taints, cut_nodes, into_etp_x)
+
+
+class _ElementwiseView:
+    """An ETP equation seen as an elementwise map of its input ``x`` (gradient-enabled ops)."""
+
+    class _P:
+        name = "add"  # any elementwise primitive name: shape rules only
+
+    def __init__(self, eqn, x_index):
+        self.primitive = self._P()
+        self.params = {}
+        self.invars = [eqn.invars[x_index]]
+        self.outvars = list(eqn.outvars)

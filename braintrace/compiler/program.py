@@ -1,0 +1,189 @@
+"""Trace a step function and flatten its jaxpr into a list of nodes.
+
+``pjit`` / closed calls / ``checkpoint`` are inlined so ETP equations inside a
+jitted helper are visible; ``custom_jvp`` / ``custom_vjp`` calls stay single nodes
+so their custom derivatives (surrogate spikes) are kept when the program is
+evaluated. Values are numbered ``0..n``; a node reads atoms (value ids or
+constants) and writes value ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.extend import core as jcore
+
+from .errors import CompileError
+
+INLINED = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "remat2"})
+LOOPS = frozenset({"scan", "while", "fori_loop"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Const:
+    """A constant operand (a literal or a value the step closed over)."""
+
+    value: Any
+
+
+@dataclasses.dataclass
+class Node:
+    """One equation of the flattened program."""
+
+    eqn: Any  # the jax JaxprEqn (its primitive and params are used to evaluate it)
+    inputs: list  # int value ids or Const
+    outputs: list[int]
+
+    @property
+    def primitive(self):
+        return self.eqn.primitive
+
+    @property
+    def params(self):
+        return self.eqn.params
+
+
+@dataclasses.dataclass
+class Program:
+    """A flattened step: inputs are value ids of the flat (params, hidden, x) leaves."""
+
+    nodes: list[Node]
+    inputs: list[int]
+    outputs: list  # int value ids or Const
+    avals: dict[int, Any]  # value id -> ShapedArray
+
+    def aval_of(self, atom):
+        """Abstract value of an atom (a value id or a :class:`Const`)."""
+        if isinstance(atom, Const):
+            value = atom.value
+            return jax.core.ShapedArray(jax.numpy.shape(value), jax.numpy.result_type(value))
+        return self.avals[atom]
+
+
+def _closed(jaxpr):
+    """(Jaxpr, consts) from a ClosedJaxpr or a Jaxpr."""
+    if isinstance(jaxpr, jcore.ClosedJaxpr):
+        return jaxpr.jaxpr, list(jaxpr.consts)
+    return jaxpr, []
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        if isinstance(value, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                    yield item
+
+
+def contains_primitive(jaxpr, predicate) -> bool:
+    """Whether ``jaxpr`` (recursively) has an equation whose primitive satisfies ``predicate``."""
+    inner, _ = _closed(jaxpr)
+    for eqn in inner.eqns:
+        if predicate(eqn.primitive):
+            return True
+        if any(contains_primitive(sub, predicate) for sub in _sub_jaxprs(eqn.params)):
+            return True
+    return False
+
+
+def sub_jaxprs(params) -> list:
+    """The (closed) jaxprs held in an equation's params."""
+    return list(_sub_jaxprs(params))
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.avals: dict[int, Any] = {}
+        self._next = 0
+
+    def new_value(self, aval) -> int:
+        vid = self._next
+        self._next += 1
+        self.avals[vid] = aval
+        return vid
+
+    def inline(self, jaxpr, consts, args) -> list:
+        env: dict = {}
+
+        def read(atom):
+            if isinstance(atom, jcore.Literal):
+                return Const(atom.val)
+            return env[atom]
+
+        for var, const in zip(jaxpr.constvars, consts):
+            env[var] = Const(const)
+        for var, arg in zip(jaxpr.invars, args):
+            env[var] = arg
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            name = eqn.primitive.name
+            if name in INLINED:
+                sub = next(iter(_sub_jaxprs(eqn.params)))
+                inner, inner_consts = _closed(sub)
+                outs = self.inline(inner, inner_consts, ins)
+            elif name in LOOPS:
+                raise CompileError(
+                    f"the step contains a '{name}' loop; braintrace compiles ONE time step and "
+                    "cannot see through a scan/while inside it. Write the step without the loop "
+                    "(the learner's scan runs over time), or unroll a short fixed loop in Python."
+                )
+            else:
+                outs = [self.new_value(v.aval) for v in eqn.outvars]
+                self.nodes.append(Node(eqn, ins, outs))
+            for var, out in zip(eqn.outvars, outs):
+                if not isinstance(var, jcore.DropVar):
+                    env[var] = out
+        return [read(a) for a in jaxpr.outvars]
+
+
+def flatten(closed_jaxpr) -> Program:
+    """Flatten a ``ClosedJaxpr`` into a :class:`Program`."""
+    builder = _Builder()
+    jaxpr, consts = _closed(closed_jaxpr)
+    inputs = [builder.new_value(v.aval) for v in jaxpr.invars]
+    outputs = builder.inline(jaxpr, consts, inputs)
+    return Program(builder.nodes, inputs, outputs, builder.avals)
+
+
+def bind(primitive, params, invals):
+    """Bind ``primitive`` as an equation would (older JAX returns subfunctions too)."""
+    bind_params = primitive.get_bind_params(params)
+    subfuns = []
+    if isinstance(bind_params, tuple):
+        subfuns, bind_params = bind_params
+    return primitive.bind(*subfuns, *invals, **bind_params)
+
+
+def evaluate(program: Program, args, *, before=None, after=None) -> list:
+    """Evaluate ``program`` on flat ``args``.
+
+    ``before(index, node, invals) -> invals`` and ``after(index, node, invals,
+    outvals) -> outvals`` may rewrite a node's operands and results (used to cut or
+    hold derivatives, and to record an op's input).
+    """
+    env = dict(zip(program.inputs, args))
+
+    def read(atom):
+        return atom.value if isinstance(atom, Const) else env[atom]
+
+    for index, node in enumerate(program.nodes):
+        invals = [read(a) for a in node.inputs]
+        if before is not None:
+            invals = before(index, node, invals)
+        outvals = bind(node.primitive, node.params, invals)
+        if not node.primitive.multiple_results:
+            outvals = [outvals]
+        if after is not None:
+            outvals = after(index, node, invals, list(outvals))
+        env.update(zip(node.outputs, outvals))
+    return [read(a) for a in program.outputs]
+
+
+def make_program(fn, *args) -> Program:
+    """Trace ``fn(*args)`` (flat array arguments) and flatten it."""
+    return flatten(jax.make_jaxpr(fn)(*args))
