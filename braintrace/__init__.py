@@ -4,8 +4,19 @@ The core is framework-agnostic; ``braintrace_flax`` and ``braintrace_eqx`` are t
 Flax and Equinox faces.
 """
 
-from . import compiler, ops, registry
-from .compiler import CompileError, compile_graph
+from . import algorithms, compiler, ops, registry
+from .algorithms import (
+    BPTT,
+    D_RTRL,
+    ES_D_RTRL,
+    Algorithm,
+    Learner,
+    LearnerState,
+    OnlineAlgorithm,
+    compile,
+    pp_prop,
+)
+from .compiler import CompileError, CompileReport, compile_graph
 from .primitive import ETPIdentityWarning, ETPPrimitive, register_primitive
 
 __version__ = "0.1.0"
@@ -15,8 +26,19 @@ __all__ = [
     "ETPIdentityWarning",
     "register_primitive",
     "ops",
+    "registry",
     "compiler",
+    "algorithms",
     "compile_graph",
     "CompileError",
-    "registry",
+    "CompileReport",
+    "compile",
+    "Learner",
+    "LearnerState",
+    "Algorithm",
+    "OnlineAlgorithm",
+    "D_RTRL",
+    "ES_D_RTRL",
+    "pp_prop",
+    "BPTT",
 ]

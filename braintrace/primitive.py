@@ -110,9 +110,11 @@ class ETPPrimitive(Primitive):
             xy_to_trace=xy_to_trace,
             trace_to_dw=trace_to_dw,
         )
+        given = {slot: fn for slot, fn in given.items() if fn is not None}
+        for slot, fn in given.items():  # validate all first: install all or nothing
+            _check_rule(self.name, slot, fn)
         for slot, fn in given.items():
-            if fn is not None:
-                self._install(slot, fn)
+            self._install(slot, fn)
         return self
 
 
@@ -215,6 +217,18 @@ def register_primitive(
         raise ValueError(
             f"register_primitive({name!r}): batched_counterpart must be a registered "
             "batched ETP primitive."
+        )
+
+    derives_twin = not batched and x_invar_index is not None and batched_counterpart is None
+    twin_name = name + "_batched"
+    if derives_twin and not replace and twin_name in registry._BY_NAME:
+        # Refuse before claiming ``name``: a clash found while deriving the twin
+        # would otherwise leave this primitive half-registered.
+        raise ValueError(
+            f"register_primitive({name!r}): its derived batched counterpart would be "
+            f"named {twin_name!r}, but an ETP primitive with that name is already "
+            "registered; choose another name, pass batched_counterpart=..., or pass "
+            "replace=True."
         )
 
     prim = ETPPrimitive(name, impl_fn, batched=batched, multiple_results=multiple_results)
@@ -327,8 +341,10 @@ def _batch_rule(prim: ETPPrimitive, x_index: int | None, args, dims, **params):
     args = list(args)
     x = jnp.moveaxis(args[x_index], dims[x_index], 0)
     if not prim.batched:
-        args[x_index] = x
         counterpart = registry.get_batched_counterpart(prim)
+        if counterpart is None:  # e.g. its counterpart was replaced or unregistered
+            return _dissolve(prim, args, dims, params, "no batched counterpart is registered")
+        args[x_index] = x
         out = counterpart.bind(*args, **params)
         return out, ([0] * len(out) if prim.multiple_results else 0)
     # Batched op under another vmap: fold the new axis into the op's batch axis.

@@ -49,6 +49,15 @@ class OpInfo:
     def batched(self) -> bool:
         return registry.is_batched(self.primitive)
 
+    def sample_vars(self) -> tuple:
+        """Per-sample abstract ``x`` (``None`` without an input) and ``y``."""
+        strip = 1 if self.batched else 0
+        x_var = None
+        if self.x_aval is not None:
+            x_var = jax.ShapeDtypeStruct(tuple(self.x_aval.shape)[strip:], self.x_aval.dtype)
+        y_var = jax.ShapeDtypeStruct(tuple(self.y_aval.shape)[strip:], self.y_aval.dtype)
+        return x_var, y_var
+
 
 @dataclasses.dataclass(frozen=True)
 class HiddenGroup:
@@ -586,7 +595,7 @@ def _relation_bytes(graph, relation) -> tuple[int, int]:
     """(D-RTRL, pp_prop output-side) trace bytes of one relation for one sample."""
     op = graph.ops[relation.op]
     g = graph.groups[relation.group]
-    x_var, y_var = _sample_vars(op)
+    x_var, y_var = op.sample_vars()
     w_var = {
         name: jax.ShapeDtypeStruct(graph.program.avals[graph.program.inputs[leaf]].shape,
                                    graph.program.avals[graph.program.inputs[leaf]].dtype)
@@ -599,16 +608,6 @@ def _relation_bytes(graph, relation) -> tuple[int, int]:
         for a in jax.tree_util.tree_leaves(tree)
     )
     return size(drtrl), (size(pp) if op.x_index is not None else size(drtrl))
-
-
-def _sample_vars(op):
-    """Per-sample abstract ``x`` and ``y`` of an op."""
-    strip = 1 if op.batched else 0
-    x_var = None
-    if op.x_aval is not None:
-        x_var = jax.ShapeDtypeStruct(tuple(op.x_aval.shape)[strip:], op.x_aval.dtype)
-    y_var = jax.ShapeDtypeStruct(tuple(op.y_aval.shape)[strip:], op.y_aval.dtype)
-    return x_var, y_var
 
 
 def _build_report(graph, program, p_paths, p_leaves, h_paths, h_avals, lead, op_notes,
@@ -668,7 +667,7 @@ def _build_report(graph, program, p_paths, p_leaves, h_paths, h_avals, lead, op_
         drtrl_bytes += dr
         pp_bytes += pp
     for k in graph.traced_ops:
-        x_var, _ = _sample_vars(graph.ops[k])
+        x_var, _ = graph.ops[k].sample_vars()
         if x_var is not None:
             pp_bytes += int(np.prod(x_var.shape)) * jnp.dtype(x_var.dtype).itemsize
     warnings = []

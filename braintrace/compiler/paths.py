@@ -65,18 +65,42 @@ def _non_unit(shape) -> tuple:
     return tuple(d for d in shape if d != 1)
 
 
+def _spreads_ok(size_in: int | None, size_out: int, dim: int, batched: bool) -> bool:
+    """Whether output axis ``dim`` keeps positions (``size_in`` None: a new axis).
+
+    A value may only be spread along the leading batch axis (one per-sample value
+    used by every sample); spreading along any other axis would make one position
+    feed several.
+    """
+    if size_in == size_out or size_out == 1:
+        return True
+    return batched and dim == 0 and size_in in (None, 1)
+
+
+def _broadcast_keeps(in_shape, out_shape, batched: bool) -> bool:
+    """Numpy-style implicit broadcasting of an operand of an elementwise op."""
+    offset = len(out_shape) - len(in_shape)
+    if offset < 0:
+        return False
+    return all(
+        _spreads_ok(in_shape[d - offset] if d >= offset else None, size, d, batched)
+        for d, size in enumerate(out_shape)
+    )
+
+
 def _structural(prim_name: str, params, in_avals, out_aval, batched: bool) -> list[bool]:
     """For each operand: does this op keep its positions? (shape-level rules)"""
     out_shape = tuple(out_aval.shape)
     if prim_name in ELEMENTWISE:
-        return [tuple(a.shape) == out_shape for a in in_avals]
+        return [_broadcast_keeps(tuple(a.shape), out_shape, batched) for a in in_avals]
     if prim_name == "broadcast_in_dim":
         dims = params["broadcast_dimensions"]
         in_shape = tuple(in_avals[0].shape)
-        kept = all(in_shape[i] == out_shape[d] for i, d in enumerate(dims))
-        new = [d for d in range(len(out_shape)) if d not in dims]
-        added_ok = all(out_shape[d] == 1 or (batched and d == 0) for d in new)
-        return [kept and added_ok] + [False] * (len(in_avals) - 1)
+        source = {d: in_shape[i] for i, d in enumerate(dims)}
+        keeps = all(
+            _spreads_ok(source.get(d), size, d, batched) for d, size in enumerate(out_shape)
+        )
+        return [keeps] + [False] * (len(in_avals) - 1)
     if prim_name in ("reshape", "squeeze", "expand_dims"):
         same = _non_unit(in_avals[0].shape) == _non_unit(out_shape)
         return [same] + [False] * (len(in_avals) - 1)

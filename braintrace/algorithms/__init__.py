@@ -1,0 +1,19 @@
+"""Online learning algorithms (D-RTRL, ES-D-RTRL / pp_prop), BPTT and the learner."""
+
+from .base import Algorithm, LearnerState, OnlineAlgorithm
+from .bptt import BPTT
+from .d_rtrl import D_RTRL
+from .learner import Learner, compile
+from .pp_prop import ES_D_RTRL, pp_prop
+
+__all__ = [
+    "Algorithm",
+    "OnlineAlgorithm",
+    "LearnerState",
+    "D_RTRL",
+    "ES_D_RTRL",
+    "pp_prop",
+    "BPTT",
+    "Learner",
+    "compile",
+]

@@ -1,0 +1,153 @@
+"""ES-D-RTRL (``pp_prop``): input/output factorised traces, O(I + O S) per sample.
+
+    epsx^t      = alpha_x * epsx^{t-1} + x^t
+    epsf^t[k,a] = alpha_f * sum_c D^t[k,a,c] epsf^{t-1}[k,c] + (1 - alpha_f) * D_f^t[k,a]
+    dW          = xy_to_dw(epsx, sum_a g[..., a] * epsf[..., a])
+
+``epsx`` is kept once per op (shared by the op's relations), ``epsf`` per relation.
+An op without an input (elementwise parameters) keeps the exact D-RTRL trace, which
+is already output-sized.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .. import registry
+from .base import OnlineAlgorithm, add_into, op_weights, weight_structs, with_lead
+from .d_rtrl import credit_relation, init_relation, update_relation
+
+__all__ = ["ES_D_RTRL", "pp_prop", "decay_from"]
+
+
+def decay_from(value, side: str) -> float:
+    """A decay ``alpha`` from a float in ``[0, 1)`` or an int rank ``r >= 1``."""
+    if isinstance(value, bool):
+        raise TypeError(f"ES_D_RTRL: decay_or_rank ({side}) must be a float or an int, got a bool.")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"ES_D_RTRL: a rank ({side}) must be >= 1, got {value}.")
+        return (value - 1) / (value + 1)
+    if isinstance(value, float):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"ES_D_RTRL: a decay ({side}) must be in [0, 1), got {value}.")
+        return value
+    raise TypeError(
+        f"ES_D_RTRL: decay_or_rank ({side}) must be a float decay in [0, 1) or an int rank "
+        f">= 1, got {type(value).__name__}."
+    )
+
+
+class ES_D_RTRL(OnlineAlgorithm):
+    """Exponentially smoothed D-RTRL, a.k.a. ``pp_prop``.
+
+    Parameters
+    ----------
+    decay_or_rank : float, int or pair
+        ``alpha`` in ``[0, 1)``, or an int rank ``r`` meaning
+        ``alpha = (r - 1) / (r + 1)``, or an ``(x_side, f_side)`` pair of either.
+    warmup_correction : bool
+        Divide ``epsf`` by ``1 - alpha_f^n`` (``n`` = trace updates so far), which
+        removes the start-up bias of the ``(1 - alpha_f)`` smoothing.
+
+    Examples
+    --------
+    >>> import braintrace as bt
+    >>> algo = bt.ES_D_RTRL(decay_or_rank=0.9)
+    >>> algo.alpha_x, algo.alpha_f
+    (0.9, 0.9)
+    >>> bt.pp_prop(3).alpha_f
+    0.5
+    """
+
+    name = "pp_prop"
+
+    def __init__(self, decay_or_rank=0.9, *, warmup_correction: bool = False):
+        if isinstance(decay_or_rank, (tuple, list)):
+            if len(decay_or_rank) != 2:
+                raise ValueError(
+                    "ES_D_RTRL: a decay_or_rank pair must be (x_side, f_side), got "
+                    f"{len(decay_or_rank)} values."
+                )
+            x_side, f_side = decay_or_rank
+        else:
+            x_side = f_side = decay_or_rank
+        self.alpha_x = decay_from(x_side, "x side")
+        self.alpha_f = decay_from(f_side, "f side")
+        self.warmup_correction = bool(warmup_correction)
+
+    def __repr__(self) -> str:
+        return (
+            f"ES_D_RTRL(decay_or_rank=({self.alpha_x}, {self.alpha_f}), "
+            f"warmup_correction={self.warmup_correction})"
+        )
+
+    # -- traces: {'x': per op (None without input or trace), 'f': per relation} --
+    def init_traces(self, graph, param_leaves):
+        traced = set(graph.traced_ops)
+        xs = []
+        for op in graph.ops:
+            if op.index in traced and op.x_aval is not None:
+                xs.append(jnp.zeros(op.x_aval.shape, op.x_aval.dtype))
+            else:
+                xs.append(None)
+        fs = []
+        for r in graph.relations:
+            op = graph.ops[r.op]
+            if op.x_aval is None:
+                fs.append(init_relation(graph, r, param_leaves))
+                continue
+            x_var, y_var = op.sample_vars()
+            w_var = weight_structs(graph, r.op, param_leaves)
+            epsf = op.rules.init_pp(x_var, y_var, w_var, graph.groups[r.group].num_states)
+            fs.append(with_lead(graph, r, epsf))
+        return {"x": tuple(xs), "f": tuple(fs)}
+
+    def _correction(self, count, dtype):
+        """``1 / (1 - alpha_f^n)`` after ``n`` trace updates (1 without the correction)."""
+        if not self.warmup_correction or self.alpha_f == 0.0:
+            return jnp.ones((), dtype)
+        n = jnp.maximum(count, 1).astype(dtype)
+        return 1.0 / (1.0 - jnp.asarray(self.alpha_f, dtype) ** n)
+
+    def credit(self, graph, param_leaves, traces, signals, count):
+        grads: dict = {}
+        for r, epsf in zip(graph.relations, traces["f"]):
+            op = graph.ops[r.op]
+            if op.x_aval is None:
+                credit_relation(graph, r, param_leaves, epsf, signals[r.group], grads)
+                continue
+            epsx = traces["x"][r.op]
+            ghat = (signals[r.group] * epsf).sum(-1) * self._correction(count, epsf.dtype)
+            w = op_weights(graph, r.op, param_leaves)
+            if op.batched or not r.lead:
+                # The op's own VJP sums over its batch axis: no per-sample gradient.
+                rule = registry.get_rule(op.primitive, "xy_to_dw")
+                dw = rule(epsx, ghat.astype(epsx.dtype), w, **op.params)
+            else:
+                # One input shared by all samples: the VJP is linear in the cotangent.
+                dw = op.rules.xy_to_dw(epsx, ghat.sum(0).astype(epsx.dtype), w)
+            add_into(grads, op.trainables, dw)
+        return grads
+
+    def update(self, graph, param_leaves, traces, parts, count):
+        xs = tuple(
+            None if eps is None else self.alpha_x * eps + parts.xs[k].astype(eps.dtype)
+            for k, eps in enumerate(traces["x"])
+        )
+        fs = []
+        for r, epsf in zip(graph.relations, traces["f"]):
+            if graph.ops[r.op].x_aval is None:
+                fs.append(update_relation(graph, r, param_leaves, epsf, parts))
+                continue
+            d, df = parts.d[r.group], parts.df[r.index]
+            propagated = jnp.einsum("...ac,...c->...a", d, epsf)
+            fs.append(
+                (self.alpha_f * propagated + (1.0 - self.alpha_f) * df).astype(epsf.dtype)
+            )
+        return {"x": xs, "f": tuple(fs)}
+
+
+#: ``pp_prop`` is the name used in the braintrace papers for ES-D-RTRL.
+pp_prop = ES_D_RTRL
