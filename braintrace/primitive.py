@@ -221,7 +221,8 @@ def register_primitive(
 
     derives_twin = not batched and x_invar_index is not None and batched_counterpart is None
     twin_name = name + "_batched"
-    if derives_twin and not replace and twin_name in registry._BY_NAME:
+    clash = not replace and name not in registry._BY_NAME and twin_name in registry._BY_NAME
+    if derives_twin and clash:
         # Refuse before claiming ``name``: a clash found while deriving the twin
         # would otherwise leave this primitive half-registered.
         raise ValueError(

@@ -102,7 +102,8 @@ class StepParts:
 
 
 def _path_str(path) -> str:
-    return jax.tree_util.keystr(path) or "<root>"
+    """``keystr`` of a leaf path (``''`` for a bare-array tree)."""
+    return jax.tree_util.keystr(path)
 
 
 def _is_float(aval) -> bool:
@@ -629,6 +630,7 @@ def _build_report(graph, program, p_paths, p_leaves, h_paths, h_avals, lead, op_
 
     entries = []
     for i, path in enumerate(p_paths):
+        path = path or "<root>"
         leaf = p_leaves[i]
         shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype).name
         if i in trace_groups:

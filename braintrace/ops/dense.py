@@ -73,7 +73,7 @@ def dense_xy_to_dw(x, hidden_dim, w, *, weight_layout, has_bias, precision, **_)
     """VJP of the op w.r.t. ``{'weight', 'bias'}`` at input ``x``, cotangent ``hidden_dim``."""
     dw = {"weight": _outer(x, hidden_dim, weight_layout, precision).astype(w["weight"].dtype)}
     if has_bias:
-        dw["bias"] = _sum_lead(hidden_dim).astype(w["bias"].dtype)
+        dw["bias"] = hidden_dim.reshape((-1, hidden_dim.shape[-1]))[0].astype(w["bias"].dtype)
     return dw
 
 

@@ -1,0 +1,325 @@
+"""The online learner against independent oracles (BPTT by jax.grad in float64)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+import braintrace as bt
+import models as M
+from oracles import alignment, bptt_grad, one_step_grad, rel_err
+
+T, B = 6, 3
+
+EXACT_MODELS = {
+    "lif": (M.lif_step, M.lif_params, ("i", "v")),
+    "lora": (M.lif_lora_step, M.lora_params, ("i", "v")),
+    "alif": (M.alif_step, M.lif_params, ("i", "v", "a")),
+}
+MODES = ("unbatched", "batched", "vmapped")
+
+
+def _data(mode, hidden_names, seed=7, dtype=jnp.float64, t=T):
+    lead = () if mode == "unbatched" else (B,)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    hidden = M.hidden_like(hidden_names, lead, dtype=dtype)
+    xs = jax.random.normal(k1, (t,) + lead + (M.N_IN,), dtype)
+    targets = jax.random.normal(k2, (t,) + lead + (2,), dtype)
+    return hidden, xs, targets
+
+
+def _step_for(step, mode):
+    if mode == "vmapped":
+        return jax.vmap(step, in_axes=(None, 0, 0))
+    return step
+
+
+def _run(step, algo, params, hidden, xs, targets, batched):
+    learner = bt.compile(step, M.mse, algo, batched=batched)
+    state = learner.init(params, hidden, xs[0])
+    return jax.jit(learner.scan)(params, state, xs, targets)
+
+
+# -- the exact class ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", sorted(EXACT_MODELS))
+def test_drtrl_equals_bptt_in_exact_class(model, mode):
+    step, make_params, names = EXACT_MODELS[model]
+    step = _step_for(step, mode)
+    batched = mode != "unbatched"
+    params = make_params()
+    hidden, xs, targets = _data(mode, names)
+    (losses, outs), grads, state = _run(step, bt.D_RTRL(), params, hidden, xs, targets, batched)
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, batched)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    for name in params:
+        assert rel_err(grads[name], reference[name]) <= 1e-10, name
+    assert losses.shape == (T,) and state.count == T
+
+
+def test_bptt_learner_matches_jax_grad_and_one_step():
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names)
+    _, grads, _ = _run(step, bt.BPTT(), params, hidden, xs, targets, True)
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, True)
+    for name in params:
+        assert rel_err(grads[name], reference[name]) <= 1e-12
+    # BPTT's step is the one-step-truncated gradient.
+    learner = bt.compile(step, M.mse, bt.BPTT(), batched=True)
+    state = learner.init(params, hidden, xs[0])
+
+    def body(carry, inputs):
+        st, acc = carry
+        _, g, st = learner.step(params, st, *inputs)
+        return (st, jax.tree_util.tree_map(jnp.add, acc, g)), None
+
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (_, summed), _ = jax.jit(lambda s: lax.scan(body, (s, zero), (xs, targets)))(state)
+    truncated = one_step_grad(step, M.mse, params, hidden, xs, targets, True)
+    for name in params:
+        assert rel_err(summed[name], truncated[name]) <= 1e-12
+
+
+# -- negative controls --------------------------------------------------------------------
+
+
+class _ZeroD(bt.D_RTRL):
+    """A deliberately wrong trace: the state Jacobian D replaced by zero."""
+
+    def update(self, graph, param_leaves, traces, parts, count):
+        parts = dataclasses.replace(parts, d=tuple(jnp.zeros_like(d) for d in parts.d))
+        return super().update(graph, param_leaves, traces, parts, count)
+
+
+def test_wrong_trace_fails_the_exact_check():
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names)
+    _, grads, _ = _run(step, _ZeroD(), params, hidden, xs, targets, True)
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, True)
+    assert rel_err(grads["w"], reference["w"]) > 1e-3
+    assert rel_err(grads["tau"], reference["tau"]) > 1e-3
+    # The one-step gradient alone (no traces at all) also fails: the traces matter.
+    truncated = one_step_grad(step, M.mse, params, hidden, xs, targets, True)
+    assert rel_err(truncated["w"], reference["w"]) > 1e-3
+
+
+# -- pp_prop ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.6, 3, (0.3, 0.8)])
+def test_pp_prop_with_warmup_equals_drtrl_for_two_steps(decay):
+    """At T = 2 only eps^1 is used; with the warm-up correction pp_prop's is D-RTRL's."""
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names, t=2)
+    algo = bt.pp_prop(decay, warmup_correction=True)
+    _, pp, _ = _run(step, algo, params, hidden, xs, targets, True)
+    _, dr, _ = _run(step, bt.D_RTRL(), params, hidden, xs, targets, True)
+    for name in params:
+        assert rel_err(pp[name], dr[name]) <= 1e-12, name
+
+
+def test_pp_prop_equals_drtrl_at_one_step():
+    step, make_params, names = EXACT_MODELS["alif"]
+    params = make_params()
+    hidden, xs, targets = _data("unbatched", names, t=1)
+    _, pp, _ = _run(step, bt.pp_prop(0.9), params, hidden, xs, targets, False)
+    _, dr, _ = _run(step, bt.D_RTRL(), params, hidden, xs, targets, False)
+    for name in params:
+        assert rel_err(pp[name], dr[name]) <= 1e-12
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_pp_prop_decay_zero_equals_drtrl_when_d_is_zero(batched):
+    params = M.rnn_params()
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    lead = (B,) if batched else ()
+    hidden = jnp.zeros(lead + (M.N,))
+    xs = jax.random.normal(k1, (T,) + lead + (M.N_IN,))
+    targets = jax.random.normal(k2, (T,) + lead + (2,))
+    _, pp, _ = _run(M.rnn_step, bt.pp_prop(0.0), params, hidden, xs, targets, batched)
+    _, dr, _ = _run(M.rnn_step, bt.D_RTRL(), params, hidden, xs, targets, batched)
+    for name in params:
+        assert rel_err(pp[name], dr[name]) <= 1e-12
+    # ...and with a non-zero decay it is a different (smoothed) estimate.
+    _, smooth, _ = _run(M.rnn_step, bt.pp_prop(0.8), params, hidden, xs, targets, batched)
+    assert rel_err(smooth["wx"], dr["wx"]) > 1e-3
+
+
+def test_pp_prop_decay_parsing():
+    assert bt.pp_prop is bt.ES_D_RTRL
+    assert bt.ES_D_RTRL(3).alpha_x == 0.5
+    algo = bt.ES_D_RTRL((0.2, 1))
+    assert (algo.alpha_x, algo.alpha_f) == (0.2, 0.0)
+    for bad, err in [(1.0, ValueError), (-0.1, ValueError), (0, ValueError), ("x", TypeError),
+                     ((0.1, 0.2, 0.3), ValueError), (True, TypeError)]:
+        with pytest.raises(err, match="ES_D_RTRL"):
+            bt.ES_D_RTRL(bad)
+
+
+# -- approximate class ------------------------------------------------------------------------
+
+APPROX = {
+    "rnn": (M.rnn_step, M.rnn_params, None),
+    "gru": (M.gru_step, M.gru_params, None),
+    "rlif": (M.rlif_step, M.rlif_params, ("i", "v")),
+}
+# Floors on the cosine to BPTT of the recurrent-side gradient (readout left out: it is
+# exact for every algorithm and would flatter the joint figure). Measured values
+# (T=50, B=8, n=32, seed 3) are printed by benchmarks/alignment.py; floors sit below.
+FLOORS = {
+    ("rnn", "d_rtrl"): 0.95, ("rnn", "pp_prop"): 0.85,
+    ("gru", "d_rtrl"): 0.95, ("gru", "pp_prop"): 0.80,
+    ("rlif", "d_rtrl"): 0.95, ("rlif", "pp_prop"): 0.85,
+}
+
+
+@pytest.mark.parametrize("model", sorted(APPROX))
+def test_approximate_class_alignment_floors(model):
+    step, make_params, names = APPROX[model]
+    n_in, n, t, b = 8, 32, 50, 8
+    params = make_params(0, n_in, n)
+    hidden = {k: jnp.zeros((b, n)) for k in names} if names else jnp.zeros((b, n))
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    xs = jax.random.normal(k1, (t, b, n_in))
+    targets = jax.random.normal(k2, (t, b, 2))
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, True)
+    for algo in (bt.D_RTRL(), bt.pp_prop(0.9)):
+        _, grads, _ = _run(step, algo, params, hidden, xs, targets, True)
+        stats = alignment(grads, reference, skip=("ro",))
+        assert stats["cosine"] >= FLOORS[(model, algo.name)], (model, algo, stats)
+        assert rel_err(grads["ro"], reference["ro"]) <= 1e-10  # readout: exact
+        # Negative control: a random gradient of the same norm is far from BPTT.
+        noise = jax.tree_util.tree_map(
+            lambda a: jax.random.normal(jax.random.PRNGKey(0), a.shape, a.dtype), grads
+        )
+        assert alignment(noise, reference, skip=("ro",))["cosine"] < 0.5
+
+
+# -- memory independent of T ------------------------------------------------------------------
+
+
+def _temp_bytes(learner, params, hidden, t):
+    xs = jnp.zeros((t, B, M.N_IN))
+    targets = jnp.zeros((t, B, 2))
+    state = learner.init(params, hidden, xs[0])
+    compiled = jax.jit(learner.scan).lower(params, state, xs, targets).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_online_memory_does_not_grow_with_t():
+    params = M.lif_params()
+    hidden = M.hidden_like(("i", "v"), (B,))
+    sizes = {}
+    for algo in (bt.D_RTRL(), bt.pp_prop(0.9), bt.BPTT()):
+        learner = bt.compile(M.lif_step, M.mse, algo, batched=True)
+        sizes[algo.name] = [_temp_bytes(learner, params, hidden, t) for t in (100, 2000)]
+    for name in ("d_rtrl", "pp_prop"):
+        short, long = sizes[name]
+        assert long <= 1.1 * short + 1024, (name, sizes)
+    short, long = sizes["bptt"]
+    assert long > 5 * short, sizes  # BPTT stores the whole sequence
+
+
+# -- transformations and errors ---------------------------------------------------------------
+
+
+def test_jit_equals_eager_and_step_inside_user_scan():
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names, t=3)
+    learner = bt.compile(step, M.mse, bt.D_RTRL(), batched=True)
+    state = learner.init(params, hidden, xs[0])
+    (l_e, _), g_e, s_e = learner.step(params, state, xs[0], targets[0])
+    (l_j, _), g_j, s_j = jax.jit(learner.step)(params, state, xs[0], targets[0])
+    assert jnp.allclose(l_e, l_j, rtol=1e-13)
+    for name in params:
+        assert jnp.allclose(g_e[name], g_j[name], rtol=1e-12, atol=1e-14)
+    for a, b in zip(jax.tree_util.tree_leaves(s_e), jax.tree_util.tree_leaves(s_j)):
+        assert jnp.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+    def body(carry, inputs):
+        st, acc = carry
+        _, g, st = learner.step(params, st, *inputs)
+        return (st, jax.tree_util.tree_map(jnp.add, acc, g)), None
+
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (_, summed), _ = jax.jit(lambda s: lax.scan(body, (s, zero), (xs, targets)))(state)
+    _, scanned, _ = jax.jit(learner.scan)(params, state, xs, targets)
+    for name in params:
+        assert jnp.allclose(summed[name], scanned[name], rtol=1e-12, atol=1e-14)
+
+
+def test_learner_step_is_vmappable_over_independent_sequences():
+    """vmap an unbatched learner over sequences; equals the batched learner's per-sample sum."""
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names, t=4)
+    single = bt.compile(step, M.mse, bt.D_RTRL())
+    state = jax.vmap(single.init, in_axes=(None, 0, 0))(params, hidden, xs[0])
+    run = jax.vmap(single.scan, in_axes=(None, 0, 1, 1))
+    _, grads, _ = jax.jit(run)(params, state, xs, targets)
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, True)
+    for name in params:
+        # the batched loss is the batch mean, the vmapped one per sample: sum / B
+        assert rel_err(grads[name].sum(0) / B, reference[name]) <= 1e-10
+
+
+def test_float32_runs_and_is_close():
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params(dtype=jnp.float32)
+    hidden, xs, targets = _data("batched", names, dtype=jnp.float32)
+    (losses, _), grads, _ = _run(step, bt.D_RTRL(), params, hidden, xs, targets, True)
+    assert losses.dtype == jnp.float32 and grads["w"].dtype == jnp.float32
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, True)
+    for name in params:
+        assert rel_err(grads[name], reference[name]) <= 1e-4
+
+
+def test_every_param_gets_a_gradient_plain_jnp_is_one_step():
+    """A plain-jnp recurrent parameter gets its one-step gradient, never a silent zero."""
+
+    def step(p, h, x):
+        y = bt.ops.dense(x, p["w"])
+        h = 0.5 * h + y + jnp.tanh(h) * p["gain"]  # gain: plain jnp, affects the dynamics
+        return h, h @ p["ro"]
+
+    params = {"w": jnp.ones((M.N_IN, M.N)) * 0.3, "gain": jnp.full((M.N,), 0.2),
+              "ro": jnp.ones((M.N, 2))}
+    hidden = jnp.zeros((B, M.N))
+    _, xs, targets = _data("batched", ("i",))
+    learner = bt.compile(step, M.mse, bt.D_RTRL(), batched=True)
+    report = learner.report(params, hidden, xs[0])
+    assert report.param("['gain']").mode == "one-step"
+    assert "plain jnp" in report.param("['gain']").reason
+    _, grads, _ = _run(step, bt.D_RTRL(), params, hidden, xs, targets, True)
+    truncated = one_step_grad(step, M.mse, params, hidden, xs, targets, True)
+    assert rel_err(grads["gain"], truncated["gain"]) <= 1e-12
+    assert float(jnp.abs(grads["gain"]).max()) > 0
+
+
+def test_bad_loss_and_target_raise_clear_errors():
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names, t=2)
+    learner = bt.compile(step, lambda out, y: (out - y) ** 2, bt.D_RTRL(), batched=True)
+    state = learner.init(params, hidden, xs[0])
+    with pytest.raises(ValueError, match="must return a scalar"):
+        learner.step(params, state, xs[0], targets[0])
+    learner = bt.compile(step, M.mse, bt.D_RTRL(), batched=True)
+    with pytest.raises(ValueError, match="batch axis"):
+        learner.step(params, state, xs[0], targets[0][:2])
+    with pytest.raises(ValueError, match="time-major"):
+        learner.scan(params, state, xs, targets[:1])
+    with pytest.raises(TypeError, match="instance"):
+        bt.compile(step, M.mse, bt.D_RTRL)
+    with pytest.raises(TypeError, match="LearnerState"):
+        learner.step(params, {"hidden": hidden}, xs[0], targets[0])
