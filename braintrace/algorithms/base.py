@@ -53,9 +53,9 @@ def op_weights(graph: ETPGraph, op: int, param_leaves: list) -> dict:
 
 def weight_structs(graph: ETPGraph, op: int, param_leaves: list) -> dict:
     """Abstract trainable inputs of an op (the rules' ``weight_var``)."""
+    leaves = {name: param_leaves[leaf] for name, leaf in graph.ops[op].trainables.items()}
     return {
-        name: jax.ShapeDtypeStruct(jnp.shape(param_leaves[leaf]), jnp.result_type(param_leaves[leaf]))
-        for name, leaf in graph.ops[op].trainables.items()
+        name: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for name, a in leaves.items()
     }
 
 

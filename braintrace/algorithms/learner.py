@@ -8,7 +8,7 @@ Per step it returns DESIGN.md 3.1's gradient for every ``params`` leaf:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,6 @@ is already output-sized.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from .. import registry
