@@ -18,6 +18,8 @@ axis of size 1 or 2 made XLA emit strided copies, measured 10x slower).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -36,6 +38,8 @@ from .base import (
 __all__ = ["D_RTRL"]
 
 _tree_map = jax.tree_util.tree_map
+#: Largest number of (state, sample) blocks contracted by an unrolled sum.
+_UNROLL = 128
 
 
 def _per_sample(fn, relation: Relation, in_axes):
@@ -62,9 +66,22 @@ def _scale(graph, relation):
 def credit_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, signal, grads):
     """Add ``<signal, trace>`` for one relation into ``grads`` (by params leaf)."""
     op = graph.ops[relation.op]
-    scale = _scale(graph, relation)
-    per_state = jax.vmap(scale, in_axes=(0, 0))(jnp.moveaxis(signal, -1, 0), trace)
-    dtrace = sum_lead(_tree_map(sum_leading, per_state), relation)
+    signal = jnp.moveaxis(signal, -1, 0)  # (S, *lead, *pos), like the trace
+    blocks = signal.shape[0] * (signal.shape[1] if relation.lead else 1)
+    if blocks <= _UNROLL:
+        # One fused pass over the trace: each (state, sample) block is scaled and
+        # added in place, instead of materialising every product before a reduction.
+        index = [(a, b) for a in range(signal.shape[0])
+                 for b in (range(signal.shape[1]) if relation.lead else [None])]
+        terms = (
+            op.rules.yw_to_w(signal[a] if b is None else signal[a, b],
+                             _tree_map(lambda t, a=a, b=b: t[a] if b is None else t[a, b], trace))
+            for a, b in index
+        )
+        dtrace = functools.reduce(lambda u, v: _tree_map(jnp.add, u, v), terms)
+    else:
+        per_state = jax.vmap(_scale(graph, relation), in_axes=(0, 0))(signal, trace)
+        dtrace = sum_lead(_tree_map(sum_leading, per_state), relation)
     w = op_weights(graph, relation.op, param_leaves)
     add_into(grads, op.trainables, op.rules.trace_to_dw(dtrace, w))
 
@@ -79,6 +96,9 @@ def update_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, pa
                         (x_axis(graph, relation, x), 0))
     d = jnp.moveaxis(parts.d[relation.group], (-2, -1), (0, 1))  # (S_a, S_c, *lead, *pos)
     df = jnp.moveaxis(parts.df[relation.index], -1, 0)  # (S_a, *lead, *pos)
+    # Materialise the small factors: fused into the trace-sized loop, XLA would
+    # recompute them for every trace element (measured 2x slower on CPU).
+    d, df, x = jax.lax.optimization_barrier((d, df, x))
 
     def one_state(d_a, df_a):
         propagated = jax.vmap(scale, in_axes=(0, 0))(d_a, trace)  # (S_c, ...)

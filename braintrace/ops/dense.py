@@ -52,6 +52,12 @@ def _trainables(params):
 
 
 def _outer(x, h, weight_layout, precision):
+    """``sum_b x[b] (x) h[b]`` in the kernel's layout (a plain outer product for one row)."""
+    if x.ndim == 2 and x.shape[0] == 1:
+        # One sample (the learner's per-sample view): a contraction over a size-1
+        # axis would be rewritten by XLA into a broadcast multiply, which its CPU
+        # backend runs several times slower than the outer-product dot it keeps here.
+        x, h = x[0], h[0]
     spec = "...i,...k->ik" if weight_layout == "in_out" else "...i,...k->ki"
     return jnp.einsum(spec, x, h, precision=precision)
 
@@ -73,7 +79,7 @@ def dense_xy_to_dw(x, hidden_dim, w, *, weight_layout, has_bias, precision, **_)
     """VJP of the op w.r.t. ``{'weight', 'bias'}`` at input ``x``, cotangent ``hidden_dim``."""
     dw = {"weight": _outer(x, hidden_dim, weight_layout, precision).astype(w["weight"].dtype)}
     if has_bias:
-        dw["bias"] = hidden_dim.reshape((-1, hidden_dim.shape[-1]))[0].astype(w["bias"].dtype)
+        dw["bias"] = _sum_lead(hidden_dim).astype(w["bias"].dtype)
     return dw
 
 
