@@ -10,7 +10,8 @@ every op's input ``x``, ``D`` per group and ``D_f`` per relation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +137,7 @@ class ETPGraph:
     relations: tuple
     report: CompileReport
     program: Any
-    cut_nodes: frozenset
+    cut_nodes: dict  # node index -> operand positions whose derivative is cut
     params_def: Any
     hidden_def: Any
     x_def: Any
@@ -193,9 +194,13 @@ class ETPGraph:
         y_zeros = [jnp.zeros(self.ops[k].y_aval.shape, self.ops[k].y_aval.dtype) for k in traced]
 
         def before(index, node, invals):
-            if index not in self.cut_nodes:
+            cut = self.cut_nodes.get(index)
+            if not cut:
                 return invals
-            return [jax.lax.stop_gradient(v) if _is_float_value(v) else v for v in invals]
+            return [
+                jax.lax.stop_gradient(v) if j in cut and _is_float_value(v) else v
+                for j, v in enumerate(invals)
+            ]
 
         def run(h_float, perturbs):
             xs = [None] * len(self.ops)
@@ -218,7 +223,8 @@ class ETPGraph:
             for i, v in zip(float_leaves, h_float):
                 leaves[i] = v
             args = flat[:n_params] + leaves + flat[n_params + n_hidden :]
-            outs = prog.evaluate(self.program, args, before=before, after=after)
+            outs = prog.evaluate(self.program, args, before=before, after=after,
+                                 forward_mode=True)
             new_h = outs[:n_hidden]
             return [new_h[i] for i in float_leaves], (new_h, outs[n_hidden:], tuple(xs))
 
@@ -252,7 +258,7 @@ class ETPGraph:
             return jnp.stack([tangents[leaf_pos[leaf]][d] for leaf in group.leaves], axis=-1)
 
         first_dir = {}
-        for d, (kind, which, c) in enumerate(directions):
+        for d, (kind, which, _) in enumerate(directions):
             first_dir.setdefault((kind, which), d)
         d_blocks = tuple(
             jnp.stack([block(first_dir[("h", g.index)] + c, g) for c in range(g.num_states)], -1)
@@ -305,9 +311,10 @@ def _trace(step, pdef, hdef, xdef, n_p, n_h, h_paths, leaves):
         x = jax.tree_util.tree_unflatten(xdef, flat[n_p + n_h :])
         result = step(params, hidden, x)
         if not isinstance(result, (tuple, list)) or len(result) != 2:
+            kind = "an array" if isinstance(result, jax.Array) else type(result).__name__
             raise CompileError(
                 "the step must return (new_hidden, out); got "
-                f"{type(result).__name__}"
+                f"{kind}"
                 + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
                 + "."
             )
@@ -578,7 +585,7 @@ def compile_graph(
         relations=tuple(relations),
         report=None,
         program=program,
-        cut_nodes=frozenset(info.cut_nodes),
+        cut_nodes=dict(info.cut_nodes),
         params_def=pdef,
         hidden_def=hdef,
         x_def=xdef,

@@ -5,7 +5,8 @@ Each value carries a map ``source -> Reach``: whether some path from the source 
 position-preserving (``ok``) and the names of the non-position-preserving
 operations on the other paths (``bad``). A node that is not position-preserving
 for a tainted operand is a *cut node*: when the compiler computes ``D`` and ``D_f``
-it stops the derivative at its operands, so both keep exactly the
+it stops the derivative at those operands (only those: another operand's
+position-preserving path through the same node is kept), so both keep exactly the
 position-preserving paths and the report names what was dropped.
 
 Paths into an ETP op's input ``x`` end there (``D`` and ``D_f`` hold ETP outputs
@@ -42,10 +43,10 @@ class Reach:
     ok: bool
     bad: frozenset = frozenset()
 
-    def merge(self, other: "Reach") -> "Reach":
+    def merge(self, other: Reach) -> Reach:
         return Reach(self.ok or other.ok, self.bad | other.bad)
 
-    def broken(self, reason: str) -> "Reach":
+    def broken(self, reason: str) -> Reach:
         return Reach(False, self.bad | {reason})
 
 
@@ -119,7 +120,7 @@ class PathInfo:
     """Result of the analysis of a program."""
 
     taints: dict  # value id -> {source: Reach}
-    cut_nodes: set  # node indices whose operands are cut when computing D and D_f
+    cut_nodes: dict  # node index -> operand positions cut when computing D and D_f
     into_etp_x: dict  # source -> set of op indices whose input x it reaches
 
 
@@ -144,13 +145,13 @@ def _body_taints(jaxpr, in_taints, batched):
 
 
 def _transfer(eqn, in_taints, batched, top_level):
-    """Taints of ``eqn``'s results and whether the node must be cut."""
+    """Taints of ``eqn``'s results and the operand positions that must be cut."""
     name = eqn.primitive.name
     in_avals = [a.aval for a in eqn.invars]
     out_avals = [v.aval for v in eqn.outvars]
     n_out = len(out_avals)
     if not any(in_taints):
-        return [{} for _ in range(n_out)], False
+        return [{} for _ in range(n_out)], frozenset()
 
     if name in WITH_BODY:
         operands = list(in_taints)
@@ -166,32 +167,37 @@ def _transfer(eqn, in_taints, batched, top_level):
             probes = [{i: Reach(True)} if t else {} for i, t in enumerate(operands)][skip:]
             summaries.append(_body_taints(body, probes, batched))
         reach = [merge(*(s[j] for s in summaries)) for j in range(n_out)]
-        cut = any(r.bad or not r.ok for t in reach for r in t.values())
+        # An operand with a non-position-preserving path inside the body (in any
+        # branch, to any result) is cut as a whole; the other operands are kept.
+        cut = frozenset(i for t in reach for i, r in t.items() if r.bad or not r.ok)
         outs = []
         for t in reach:
-            out = merge(*(operands[i] for i in t))
-            outs.append({src: r.broken(name) for src, r in out.items()} if cut else out)
+            outs.append(merge(*(
+                {src: r.broken(name) for src, r in operands[i].items()} if i in cut
+                else operands[i]
+                for i in t
+            )))
         return outs, cut
 
     if name == "stop_gradient":
-        return [{} for _ in range(n_out)], False
+        return [{} for _ in range(n_out)], frozenset()
     if top_level and name in COMPARISONS:
-        return [{} for _ in range(n_out)], False  # boolean result: no derivative
+        return [{} for _ in range(n_out)], frozenset()  # boolean result: no derivative
 
     if name == "select_n":
         in_taints = [{}] + list(in_taints[1:])  # the predicate carries no derivative
     keeps = _structural(name, eqn.params, in_avals, out_avals[0], batched)
-    cut = False
+    cut = set()
     per_input = []
-    for taint, keep in zip(in_taints, keeps):
+    for j, (taint, keep) in enumerate(zip(in_taints, keeps)):
         if taint and not keep:
-            cut = True
+            cut.add(j)
             taint = {s: r.broken(name) for s, r in taint.items()}
         per_input.append(taint)
     out = merge(*per_input)
     if top_level and not _is_float(out_avals[0]):
         out = {}
-    return [out] * n_out, cut
+    return [out] * n_out, frozenset(cut)
 
 
 def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> PathInfo:
@@ -200,7 +206,7 @@ def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> 
     ``etp_nodes`` maps node index -> op index for the ETP equations.
     """
     taints: dict = {vid: {src: Reach(True)} for vid, src in sources.items()}
-    cut_nodes: set = set()
+    cut_nodes: dict = {}
     into_etp_x: dict = {}
 
     def read(atom):
@@ -217,13 +223,14 @@ def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> 
                                           batched, True)
                     for vid, t in zip(node.outputs, outs):
                         taints[vid] = merge(taints.get(vid, {}), t)
-                    cut_nodes.update([index] if cut else [])
+                    if cut:
+                        cut_nodes[index] = frozenset({x_index})
                 for src in ins[x_index]:
                     into_etp_x.setdefault(src, set()).add(etp_nodes[index])
             continue  # the op's own output is a source, set above
         outs, cut = _transfer(node.eqn, ins, batched, top_level=True)
         if cut:
-            cut_nodes.add(index)
+            cut_nodes[index] = cut
         for vid, t in zip(node.outputs, outs):
             if t:
                 taints[vid] = t

@@ -19,6 +19,7 @@ from .errors import CompileError
 
 INLINED = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "remat2"})
 LOOPS = frozenset({"scan", "while", "fori_loop"})
+CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +160,45 @@ def bind(primitive, params, invals):
     return primitive.bind(*subfuns, *invals, **bind_params)
 
 
-def evaluate(program: Program, args, *, before=None, after=None) -> list:
+def _bind_forward(primitive, params, invals):
+    """Bind a ``custom_vjp`` call so that forward mode works through it.
+
+    JAX refuses ``jvp`` of a ``custom_vjp`` function; its JVP is the transpose of
+    its (linear) custom VJP, so the custom derivative (a surrogate spike, say) is
+    the one ``D`` and ``D_f`` see, as reverse mode would.
+    """
+
+    def call(*args):
+        return tuple(bind(primitive, params, args))
+
+    fn = jax.custom_jvp(call)
+
+    @fn.defjvp
+    def _jvp(primals, tangents):
+        outs, vjp_fn = jax.vjp(call, *primals)
+        try:
+            (t_out,) = jax.linear_transpose(vjp_fn, outs)(tuple(tangents))
+        except (NotImplementedError, TypeError, ValueError) as err:
+            bwd = getattr(getattr(params.get("bwd"), "f", None), "__name__", "?")
+            raise CompileError(
+                f"a custom_vjp function (bwd rule {bwd!r}) lies on a path from the hidden "
+                "state or an ETP output; D and D_f are forward-mode derivatives and use the "
+                "transpose of its bwd rule, which must therefore be linear in the cotangent "
+                "(no clipping). "
+                f"Use jax.custom_jvp instead. ({type(err).__name__}: {err})"
+            ) from err
+        return outs, t_out
+
+    return list(fn(*invals))
+
+
+def evaluate(program: Program, args, *, before=None, after=None, forward_mode=False) -> list:
     """Evaluate ``program`` on flat ``args``.
 
     ``before(index, node, invals) -> invals`` and ``after(index, node, invals,
     outvals) -> outvals`` may rewrite a node's operands and results (used to cut or
-    hold derivatives, and to record an op's input).
+    hold derivatives, and to record an op's input). ``forward_mode=True`` makes
+    ``custom_vjp`` calls differentiable by ``jax.jvp`` (see :func:`_bind_forward`).
     """
     env = dict(zip(program.inputs, args))
 
@@ -175,7 +209,10 @@ def evaluate(program: Program, args, *, before=None, after=None) -> list:
         invals = [read(a) for a in node.inputs]
         if before is not None:
             invals = before(index, node, invals)
-        outvals = bind(node.primitive, node.params, invals)
+        if forward_mode and node.primitive.name in CUSTOM_VJP:
+            outvals = _bind_forward(node.primitive, node.params, invals)
+        else:
+            outvals = bind(node.primitive, node.params, invals)
         if not node.primitive.multiple_results:
             outvals = [outvals]
         if after is not None:

@@ -64,7 +64,8 @@ class CompileReport:
         for entry in self.params:
             if entry.path == path:
                 return entry
-        raise KeyError(f"no parameter {path!r} in the report; known: {[p.path for p in self.params]}")
+        known = [p.path for p in self.params]
+        raise KeyError(f"no parameter {path!r} in the report; known: {known}")
 
     def __str__(self) -> str:
         lines = ["braintrace compile report", "=" * 25]
