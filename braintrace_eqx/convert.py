@@ -1,0 +1,68 @@
+"""One-call conversion between Equinox layers and their ETP twins, model-wide."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from .cells import GRUCell, LSTMCell
+from .layers import Linear
+
+__all__ = ["from_eqx", "to_eqx"]
+
+_TO_ETP = {eqx.nn.Linear: Linear, eqx.nn.GRUCell: GRUCell, eqx.nn.LSTMCell: LSTMCell}
+
+
+def _swap(tree: Any, table: dict) -> Any:
+    """Replace every node whose exact type is a key of ``table``.
+
+    Exact types only: a user subclass of ``eqx.nn.Linear`` may behave differently.
+    """
+
+    def convert(node: Any) -> Any:
+        if type(node) not in table:
+            return node
+        target = table[type(node)]
+        return target.from_eqx(node) if target in _TO_ETP.values() else node.to_eqx()
+
+    return jax.tree_util.tree_map(convert, tree, is_leaf=lambda n: type(n) in table)
+
+
+def from_eqx(model: Any) -> Any:
+    """Swap every ``eqx.nn.Linear`` / ``GRUCell`` / ``LSTMCell`` in ``model`` for its
+    ETP twin (same arrays; the cells' gate stacks are split per gate).
+
+    Parameters
+    ----------
+    model : PyTree
+        A layer or a whole model.
+
+    Returns
+    -------
+    PyTree
+        ``model`` with the layers replaced; everything else is untouched.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, equinox as eqx, braintrace_eqx as bte
+    >>> trained = eqx.nn.GRUCell(3, 4, key=jax.random.PRNGKey(0))
+    >>> cell = bte.from_eqx(trained)
+    >>> type(cell).__name__, bool(jnp.all(bte.to_eqx(cell).weight_ih == trained.weight_ih))
+    ('GRUCell', True)
+    """
+    return _swap(model, _TO_ETP)
+
+
+def to_eqx(model: Any) -> Any:
+    """Swap every ETP ``Linear`` / ``GRUCell`` / ``LSTMCell`` in ``model`` back to Equinox's.
+
+    Examples
+    --------
+    >>> import jax, equinox as eqx, braintrace_eqx as bte
+    >>> lin = bte.to_eqx(bte.Linear(3, 4, key=jax.random.PRNGKey(0)))
+    >>> isinstance(lin, eqx.nn.Linear)
+    True
+    """
+    return _swap(model, {etp: plain for plain, etp in _TO_ETP.items()})
