@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,7 @@ class ETPPrimitive(Primitive):
         init_pp: Callable | None = None,
         xy_to_trace: Callable | None = None,
         trace_to_dw: Callable | None = None,
-    ) -> "ETPPrimitive":
+    ) -> ETPPrimitive:
         """Install several rules at once; an argument left ``None`` is skipped.
 
         Returns the primitive, so registration can be chained.

@@ -35,7 +35,8 @@ than a trace on ``A`` and ``B`` and still exact because the chain is linear):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 __all__ = [
     "ETP_PRIMITIVES",

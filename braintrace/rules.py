@@ -12,7 +12,8 @@ batched ops and a user's batched-only primitive trains like a built-in.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

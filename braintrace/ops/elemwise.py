@@ -7,7 +7,7 @@ a membrane time constant, a gate bias, a threshold. ``fn`` must act elementwise
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
