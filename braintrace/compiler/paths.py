@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from .. import registry
-from .program import Program, sub_jaxprs
+from .program import Program, is_inexact, sub_jaxprs
 
 # Operations that map position k of every operand to position k of the result.
 ELEMENTWISE = frozenset(
@@ -57,9 +55,6 @@ def merge(*taints: dict) -> dict:
             out[src] = out[src].merge(reach) if src in out else reach
     return out
 
-
-def _is_float(aval) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
 def _non_unit(shape) -> tuple:
@@ -195,7 +190,7 @@ def _transfer(eqn, in_taints, batched, top_level):
             taint = {s: r.broken(name) for s, r in taint.items()}
         per_input.append(taint)
     out = merge(*per_input)
-    if top_level and not _is_float(out_avals[0]):
+    if top_level and not is_inexact(out_avals[0]):
         out = {}
     return [out] * n_out, frozenset(cut)
 

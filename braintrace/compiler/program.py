@@ -22,6 +22,12 @@ LOOPS = frozenset({"scan", "while", "fori_loop"})
 CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
+def is_inexact(value) -> bool:
+    """Whether an array, tracer or abstract value has a floating (or complex) dtype."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.inexact)
+
+
 @dataclasses.dataclass(frozen=True)
 class Const:
     """A constant operand (a literal or a value the step closed over)."""

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .program import is_inexact
+
 TRACE = "trace"
 ONE_STEP = "one-step"
 NONE = "none"
@@ -122,3 +128,122 @@ def _table(rows) -> list[str]:
         if j == 0:
             out.append("  " + "  ".join("-" * w for w in widths))
     return out
+
+
+# -- building the report from a compiled graph -------------------------------------
+
+
+def _dependencies(program, n_p):
+    """For each value: the set of params leaves it depends on (any path)."""
+    deps: dict = {program.inputs[i]: {i} for i in range(n_p)}
+    for node in program.nodes:
+        acc = set()
+        for a in node.inputs:
+            if isinstance(a, int):
+                acc |= deps.get(a, set())
+        for v in node.outputs:
+            deps[v] = acc
+    return deps
+
+
+def _relation_bytes(graph, relation) -> tuple[int, int]:
+    """(D-RTRL, pp_prop output-side) trace bytes of one relation for one sample."""
+    op = graph.ops[relation.op]
+    g = graph.groups[relation.group]
+    x_var, y_var = op.sample_vars()
+    w_var = {
+        name: jax.ShapeDtypeStruct(graph.program.avals[graph.program.inputs[leaf]].shape,
+                                   graph.program.avals[graph.program.inputs[leaf]].dtype)
+        for name, leaf in op.trainables.items()
+    }
+    drtrl = jax.eval_shape(lambda: op.rules.init_drtrl(x_var, y_var, w_var, g.num_states))
+    pp = jax.eval_shape(lambda: op.rules.init_pp(x_var, y_var, w_var, g.num_states))
+    size = lambda tree: sum(  # noqa: E731
+        int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+        for a in jax.tree_util.tree_leaves(tree)
+    )
+    return size(drtrl), (size(pp) if op.x_index is not None else size(drtrl))
+
+
+def build_report(graph, program, p_paths, p_leaves, h_paths, h_avals, lead, op_notes,
+                  dropped_coupling, n_p, n_h, out_taint):
+    deps = _dependencies(program, n_p)
+    hidden_out = [a for a in program.outputs[:n_h] if isinstance(a, int)]
+    out_out = [a for a in program.outputs[n_h:] if isinstance(a, int)]
+    reach_hidden = set().union(*(deps.get(a, set()) for a in hidden_out)) if hidden_out else set()
+    reach_out = set().union(*(deps.get(a, set()) for a in out_out)) if out_out else set()
+
+    trace_groups: dict = {}
+    trainable_of: dict = {}
+    for op in graph.ops:
+        groups = [r.group for r in graph.relations_of(op.index)]
+        for leaf in op.trainables.values():
+            trainable_of.setdefault(leaf, []).append(op.index)
+            if groups:
+                trace_groups.setdefault(leaf, set()).update(groups)
+
+    entries = []
+    for i, path in enumerate(p_paths):
+        path = path or "<root>"
+        leaf = p_leaves[i]
+        shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype).name
+        if i in trace_groups:
+            entries.append(ParamEntry(path, shape, dtype, TRACE, tuple(sorted(trace_groups[i]))))
+        elif i in reach_hidden:
+            if i in trainable_of:
+                notes = [n for k in trainable_of[i] for n in op_notes[k]]
+                reason = "ETP op output has no trace: " + ("; ".join(notes) or "no path")
+            else:
+                reason = "not routed through an ETP op (plain jnp): one-step-truncated gradient"
+            entries.append(ParamEntry(path, shape, dtype, ONE_STEP, (), reason))
+        elif i in reach_out:
+            entries.append(ParamEntry(path, shape, dtype, ONE_STEP, (),
+                                      "readout: reaches no hidden state, gradient is exact"))
+        else:
+            entries.append(ParamEntry(path, shape, dtype, NONE, (),
+                                      "affects neither the hidden state nor the output"))
+
+    group_entries = []
+    for g in graph.groups:
+        dropped = sorted(set().union(*(dropped_coupling[i] for i in g.leaves)))
+        group_entries.append(GroupEntry(g.index, g.paths, g.num_states, g.shape[lead:],
+                                        tuple(dropped)))
+    ignored = tuple(
+        (f"hidden{h_paths[i]}", f"{jnp.dtype(a.dtype).name}: not differentiable, ignored")
+        for i, a in enumerate(h_avals) if not is_inexact(a)
+    )
+    op_entries = tuple(
+        OpEntry(op.index, op.primitive.name, dict(op.paths),
+                tuple(r.group for r in graph.relations_of(op.index)), "; ".join(op_notes[op.index]))
+        for op in graph.ops
+    )
+    drtrl_bytes = pp_bytes = 0
+    for r in graph.relations:
+        dr, pp = _relation_bytes(graph, r)
+        drtrl_bytes += dr
+        pp_bytes += pp
+    for k in graph.traced_ops:
+        x_var, _ = graph.ops[k].sample_vars()
+        if x_var is not None:
+            pp_bytes += int(np.prod(x_var.shape)) * jnp.dtype(x_var.dtype).itemsize
+    warnings = []
+    if not graph.ops:
+        warnings.append(
+            "NO ETP OP FOUND: nothing is trained by eligibility traces; every parameter gets "
+            "only its one-step-truncated gradient. Use braintrace ops (or the Flax/Equinox "
+            "ETP layers) for the weights that drive the hidden state."
+        )
+    elif not graph.relations:
+        warnings.append(
+            "no ETP op reaches a hidden state through a position-preserving path: nothing is "
+            "trained by eligibility traces (see the ops' notes)."
+        )
+    return CompileReport(
+        params=tuple(entries),
+        groups=tuple(group_entries),
+        ops=op_entries,
+        ignored_hidden=ignored,
+        drtrl_bytes_per_sample=drtrl_bytes,
+        pp_bytes_per_sample=pp_bytes,
+        warnings=tuple(warnings),
+    )
