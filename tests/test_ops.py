@@ -770,3 +770,27 @@ BAD_INPUT = [
 def test_bad_input_names_the_op(thunk, exc, match):
     with pytest.raises(exc, match=match):
         thunk()
+
+
+def test_lora_dtype_casts_inside_the_op():
+    """``dtype=`` computes in that dtype while the trainables reach the op raw."""
+    x = jnp.linspace(-1.0, 1.0, 3, dtype=jnp.float64)
+    a = jnp.arange(6, dtype=jnp.float32).reshape(3, 2) / 7
+    b = jnp.arange(8, dtype=jnp.float32).reshape(2, 4) / 5
+    y = ops.lora(x, a, b, scale=0.5, dtype=jnp.float64)
+    expected = 0.5 * (x @ a.astype(jnp.float64)) @ b.astype(jnp.float64)
+    assert y.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-12)
+    jaxpr = jax.make_jaxpr(lambda a: ops.lora(x, a, b, scale=0.5, dtype=jnp.float64))(a)
+    eqn = next(e for e in jaxpr.jaxpr.eqns if registry.is_etp_primitive(e.primitive))
+    assert eqn.invars[1] is jaxpr.jaxpr.invars[0]  # lora_a reaches the op uncast
+    h = jnp.array([1.0, -2.0, 0.5, 3.0])
+    dw = registry.get_rule(eqn.primitive, "xy_to_dw")(x, h, {"lora_a": a, "lora_b": b},
+                                                     **eqn.params)
+    _, vjp = jax.vjp(lambda a_, b_: ops.lora(x, a_, b_, scale=0.5, dtype=jnp.float64), a, b)
+    da, db = vjp(h)
+    assert dw["lora_a"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dw["lora_a"]), np.asarray(da), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw["lora_b"]), np.asarray(db), rtol=1e-6)
+    with pytest.raises(TypeError, match="braintrace.ops.lora"):
+        ops.lora(x, a, b)  # mixed dtypes without dtype=

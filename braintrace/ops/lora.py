@@ -14,6 +14,7 @@ time commutes with it. The extra rule slots ``xy_to_trace`` and ``trace_to_dw``
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,9 @@ __all__ = ["lora", "etp_lora_mv", "etp_lora_mm"]
 _OP = "braintrace.ops.lora"
 
 
-def _lora_impl(x, lora_a, lora_b, *rest, scale, has_bias, has_base):
+def _lora_impl(x, lora_a, lora_b, *rest, scale, has_bias, has_base, dtype=None):
+    if dtype is not None:
+        x, lora_a, lora_b, *rest = (a.astype(dtype) for a in (x, lora_a, lora_b, *rest))
     y = scale * ((x @ lora_a) @ lora_b)
     if has_base:
         y = y + x @ rest[-1]
@@ -52,7 +55,7 @@ def lora_xy_to_dw(x, hidden_dim, w, *, scale, has_bias, **_):
     }
     if has_bias:
         dw["bias"] = _sum_lead(hidden_dim)
-    return dw
+    return {k: v.astype(w[k].dtype) for k, v in dw.items()}
 
 
 def lora_xy_to_trace(x, hidden_dim, w, *, has_bias, **_):
@@ -117,6 +120,7 @@ def lora(
     *,
     scale: float = 1.0,
     base_weight: jax.Array | None = None,
+    dtype: Any = None,
 ) -> jax.Array:
     """Low-rank adapted dense layer as an ETP op.
 
@@ -136,6 +140,9 @@ def lora(
         Static scale ``s`` of the low-rank update.
     base_weight : Array, optional
         Frozen ``(in, out)`` base kernel; an operand that traces do not train.
+    dtype : dtype, optional
+        Compute dtype; operands are cast inside the op (the trainables still reach
+        it as raw parameters). ``None`` requires matching operand dtypes.
 
     Returns
     -------
@@ -170,9 +177,11 @@ def lora(
                 f"{_OP}: base_weight must have shape ({n_in}, {n_out}) (in, out), got "
                 f"{tuple(base_weight.shape)}."
             )
-    _checks.common_dtype(
-        _OP, None, x=x, lora_a=lora_a, lora_b=lora_b, bias=bias, base_weight=base_weight
+    dtype = _checks.common_dtype(
+        _OP, dtype, x=x, lora_a=lora_a, lora_b=lora_b, bias=bias, base_weight=base_weight
     )
+    if all(a is None or a.dtype == dtype for a in (x, lora_a, lora_b, bias, base_weight)):
+        dtype = None  # nothing to cast: keep the equation free of no-op params
     try:
         scale = float(scale)
     except (TypeError, jax.errors.ConcretizationTypeError) as err:
@@ -187,5 +196,6 @@ def lora(
     if base_weight is not None:
         operands.append(base_weight)
     return prim.bind(
-        *operands, scale=scale, has_bias=bias is not None, has_base=base_weight is not None
+        *operands, scale=scale, has_bias=bias is not None, has_base=base_weight is not None,
+        dtype=dtype,
     )
