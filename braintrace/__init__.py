@@ -4,7 +4,7 @@ The core is framework-agnostic; ``braintrace_flax`` and ``braintrace_eqx`` are t
 Flax and Equinox faces.
 """
 
-from . import algorithms, compiler, ops, registry
+from . import algorithms, compiler, ops, registry, surrogate
 from .algorithms import (
     BPTT,
     D_RTRL,
@@ -18,6 +18,7 @@ from .algorithms import (
 )
 from .compiler import CompileError, CompileReport, compile_graph
 from .primitive import ETPIdentityWarning, ETPPrimitive, register_primitive
+from .surrogate import spike
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,6 @@ __all__ = [
     "ES_D_RTRL",
     "pp_prop",
     "BPTT",
+    "spike",
+    "surrogate",
 ]

@@ -13,12 +13,13 @@ Examples
 (2,)
 """
 
+from braintrace.surrogate import spike
+
 from .cells import GRUCell, LIFCell, LSTMCell
 from .convert import from_eqx, to_eqx
 from .filters import trainable
 from .layers import Elemwise, Linear, LoRA
 from .learner import Learner, compile
-from .surrogate import spike
 
 __all__ = [
     "Linear",

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from jax import Array
 
 from braintrace import ops
+from braintrace.surrogate import spike
 
 from ._util import check_input, new_module, promote
 from .layers import Elemwise, Linear
-from .surrogate import spike
 
 __all__ = ["GRUCell", "LSTMCell", "LIFCell"]
 

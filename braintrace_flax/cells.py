@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from braintrace.surrogate import spike
+
 from .layers import ETPDense, ETPElemwise, autoname_like
 
 __all__ = [
@@ -24,27 +26,6 @@ __all__ = [
 ]
 
 Array = jax.Array
-
-
-@jax.custom_jvp
-def spike(v: Array) -> Array:
-    """Heaviside step ``H(v)`` with a fast-sigmoid surrogate derivative ``1 / (1 + 4|v|)^2``.
-
-    Examples
-    --------
-    >>> import jax, jax.numpy as jnp
-    >>> from braintrace_flax import spike
-    >>> spike(jnp.array([-1.0, 0.5])).tolist(), float(jax.grad(spike)(0.0))
-    ([0.0, 1.0], 1.0)
-    """
-    v = jnp.asarray(v)
-    return (v > 0).astype(v.dtype)
-
-
-@spike.defjvp
-def _spike_jvp(primals, tangents):
-    (v,), (dv,) = primals, tangents
-    return spike(v), dv / (1.0 + 4.0 * jnp.abs(v)) ** 2
 
 
 @dataclasses.dataclass(frozen=True)

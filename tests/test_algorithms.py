@@ -44,6 +44,19 @@ def _run(step, algo, params, hidden, xs, targets, batched):
     return jax.jit(learner.scan)(params, state, xs, targets)
 
 
+def _steps_in_user_scan(learner, params, state, xs, targets):
+    """Sum of ``learner.step``'s gradients, called from the caller's own ``lax.scan``."""
+
+    def body(carry, inputs):
+        st, acc = carry
+        _, g, st = learner.step(params, st, *inputs)
+        return (st, jax.tree_util.tree_map(jnp.add, acc, g)), None
+
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (_, summed), _ = jax.jit(lambda s: lax.scan(body, (s, zero), (xs, targets)))(state)
+    return summed
+
+
 # -- the exact class ---------------------------------------------------------------------
 
 
@@ -75,13 +88,7 @@ def test_bptt_learner_matches_jax_grad_and_one_step():
     learner = bt.compile(step, M.mse, bt.BPTT(), batched=True)
     state = learner.init(params, hidden, xs[0])
 
-    def body(carry, inputs):
-        st, acc = carry
-        _, g, st = learner.step(params, st, *inputs)
-        return (st, jax.tree_util.tree_map(jnp.add, acc, g)), None
-
-    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (_, summed), _ = jax.jit(lambda s: lax.scan(body, (s, zero), (xs, targets)))(state)
+    summed = _steps_in_user_scan(learner, params, state, xs, targets)
     truncated = one_step_grad(step, M.mse, params, hidden, xs, targets, True)
     for name in params:
         assert rel_err(summed[name], truncated[name]) <= 1e-12
@@ -246,13 +253,7 @@ def test_jit_equals_eager_and_step_inside_user_scan():
     for a, b in zip(jax.tree_util.tree_leaves(s_e), jax.tree_util.tree_leaves(s_j)):
         assert jnp.allclose(a, b, rtol=1e-12, atol=1e-14)
 
-    def body(carry, inputs):
-        st, acc = carry
-        _, g, st = learner.step(params, st, *inputs)
-        return (st, jax.tree_util.tree_map(jnp.add, acc, g)), None
-
-    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (_, summed), _ = jax.jit(lambda s: lax.scan(body, (s, zero), (xs, targets)))(state)
+    summed = _steps_in_user_scan(learner, params, state, xs, targets)
     _, scanned, _ = jax.jit(learner.scan)(params, state, xs, targets)
     for name in params:
         assert jnp.allclose(summed[name], scanned[name], rtol=1e-12, atol=1e-14)

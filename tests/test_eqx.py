@@ -21,7 +21,8 @@ from jax import lax
 
 import braintrace as bt
 import braintrace_eqx as bte
-from braintrace_eqx import cells, convert, filters, layers, learner, surrogate
+from braintrace import surrogate
+from braintrace_eqx import cells, convert, filters, layers, learner
 
 N_IN, N, N_OUT, T, B = 3, 4, 2, 6, 3
 _tree = jax.tree_util

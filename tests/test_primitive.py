@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import F32, F64, TOL, assert_close, etp_eqn, prims_of
 from jax import lax
-from jax.extend.core import ClosedJaxpr, Jaxpr
 
 import braintrace
 from braintrace import registry
@@ -27,49 +27,13 @@ from braintrace import registry
 REPO = Path(__file__).resolve().parents[1]
 B, IN, OUT, V, S = 3, 4, 5, 2, 2
 SCALE = 0.5
-F32, F64 = jnp.float32, jnp.float64
 DTYPES = pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
-TOL = {np.dtype(F32): dict(rtol=1e-5, atol=1e-5), np.dtype(F64): dict(rtol=1e-12, atol=1e-12)}
 _COUNTER = itertools.count()
 
 
 def unique(stem: str) -> str:
     """A primitive name no other test (or re-import) uses."""
     return f"test_{stem}_{uuid.uuid4().hex[:8]}_{next(_COUNTER)}"
-
-
-def collect_primitives(jaxpr) -> list:
-    """All primitives of ``jaxpr``, walking nested (closed) jaxprs in eqn params."""
-    if isinstance(jaxpr, ClosedJaxpr):
-        jaxpr = jaxpr.jaxpr
-    found = []
-    for eqn in jaxpr.eqns:
-        found.append(eqn.primitive)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    found.extend(collect_primitives(sub))
-    return found
-
-
-def prims_of(fn, *args) -> list:
-    return collect_primitives(jax.make_jaxpr(fn)(*args))
-
-
-def etp_eqn(fn, *args):
-    eqns = [
-        e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if registry.is_etp_primitive(e.primitive)
-    ]
-    assert len(eqns) == 1, eqns
-    return eqns[0]
-
-
-def assert_close(got, exp, dtype):
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(exp)
-    for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(exp)):
-        assert g.shape == e.shape
-        assert g.dtype == np.dtype(dtype), (g.dtype, dtype)
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), **TOL[np.dtype(dtype)])
 
 
 def randn(seed, shape, dtype):

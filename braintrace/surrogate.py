@@ -1,4 +1,8 @@
-"""Heaviside spike with a smooth surrogate derivative (for spiking cells)."""
+"""Heaviside spike with a smooth surrogate derivative, for spiking cells.
+
+Framework-agnostic: the Flax and Equinox cells both use it. It is a
+``custom_jvp``, which the compiler differentiates through with the surrogate.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def spike(v: Array, slope: float = 4.0) -> Array:
     Examples
     --------
     >>> import jax, jax.numpy as jnp
-    >>> from braintrace_eqx import spike
+    >>> from braintrace import spike
     >>> spike(jnp.array([-1.0, 0.5])).tolist(), float(jax.grad(spike)(0.0))
     ([0.0, 1.0], 1.0)
     """

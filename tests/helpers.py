@@ -1,0 +1,49 @@
+"""Helpers shared by the op and primitive tests: jaxpr inspection and tolerances."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
+
+from braintrace import registry
+
+F32, F64 = jnp.float32, jnp.float64
+TOL = {np.dtype(F32): dict(rtol=1e-5, atol=1e-5), np.dtype(F64): dict(rtol=1e-12, atol=1e-12)}
+
+
+def collect_primitives(jaxpr) -> list:
+    """All primitives of ``jaxpr``, walking nested (closed) jaxprs in eqn params."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        jaxpr = jaxpr.jaxpr
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn.primitive)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    found.extend(collect_primitives(sub))
+    return found
+
+
+def prims_of(fn, *args) -> list:
+    return collect_primitives(jax.make_jaxpr(fn)(*args))
+
+
+def etp_eqn(fn, *args):
+    """The single top-level ETP equation of ``make_jaxpr(fn)(*args)``."""
+    eqns = [
+        e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if registry.is_etp_primitive(e.primitive)
+    ]
+    assert len(eqns) == 1, eqns
+    return eqns[0]
+
+
+def assert_close(got, exp, dtype):
+    """Same tree, shapes and dtype (``dtype``), values equal to ``dtype``'s tolerance."""
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(exp)
+    for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(exp)):
+        assert g.shape == e.shape
+        assert g.dtype == np.dtype(dtype), (g.dtype, dtype)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), **TOL[np.dtype(dtype)])
