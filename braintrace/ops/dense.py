@@ -52,12 +52,7 @@ def _trainables(params):
 
 
 def _outer(x, h, weight_layout, precision):
-    """``sum_b x[b] (x) h[b]`` in the kernel's layout (a plain outer product for one row)."""
-    if x.ndim == 2 and x.shape[0] == 1:
-        # One sample (the learner's per-sample view): a contraction over a size-1
-        # axis would be rewritten by XLA into a broadcast multiply, which its CPU
-        # backend runs several times slower than the outer-product dot it keeps here.
-        x, h = x[0], h[0]
+    """``sum_b x[b] (x) h[b]`` in the kernel's layout (an outer product for one row)."""
     spec = "...i,...k->ik" if weight_layout == "in_out" else "...i,...k->ki"
     return jnp.einsum(spec, x, h, precision=precision)
 
