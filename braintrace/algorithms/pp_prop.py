@@ -128,7 +128,27 @@ class ES_D_RTRL(OnlineAlgorithm):
                 # One input shared by all samples: the VJP is linear in the cotangent.
                 dw = op.rules.xy_to_dw(epsx, ghat.sum(0).astype(epsx.dtype), w)
             add_into(grads, op.trainables, dw)
+            if self.alpha_x:
+                add_into(grads, op.trainables, self._input_free_part(op, r, ghat, w, count))
         return grads
+
+    def _input_free_part(self, op, relation, ghat, w, count):
+        """Give the op's input-free trainables (a bias) their own input-side trace.
+
+        A bias is a weight on a constant input 1, whose input trace after ``n``
+        updates is ``e_n = sum_{j<n} alpha_x^j``; ``xy_to_dw`` at ``epsx`` gives such
+        trainables the factor 1 instead. Their part of the VJP is the VJP at
+        ``x = 0``, so adding ``(e_n - 1)`` times it makes a bias and a constant-1
+        input column train identically (as they do under D-RTRL and BPTT).
+        """
+        x_var, _ = op.sample_vars()
+        cotangent = ghat.sum(0) if relation.lead else ghat
+        dw0 = op.rules.xy_to_dw(jnp.zeros(x_var.shape, x_var.dtype),
+                                cotangent.astype(x_var.dtype), w)
+        n = jnp.maximum(count, 1).astype(x_var.dtype)
+        alpha = jnp.asarray(self.alpha_x, x_var.dtype)
+        factor = (1.0 - alpha**n) / (1.0 - alpha) - 1.0
+        return {k: factor.astype(v.dtype) * v for k, v in dw0.items()}
 
     def update(self, graph, param_leaves, traces, parts, count):
         xs = tuple(
