@@ -347,3 +347,19 @@ def test_bias_trains_like_a_constant_input_column(algo):
     xs, targets = jax.random.normal(k[2], (12, B, 3)), jax.random.normal(k[3], (12, B, 2))
     _, grads, _ = _run(step, algo, params, jnp.zeros((B, 5)), xs, targets, True)
     assert rel_err(grads["b"], grads["w"][3]) <= 1e-12
+
+
+def test_bfloat16_trace_storage():
+    """``trace_dtype`` stores traces compactly; the gradient stays close to float32's."""
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params(dtype=jnp.float32)
+    hidden, xs, targets = _data("batched", names, dtype=jnp.float32)
+    algo = bt.D_RTRL(trace_dtype=jnp.bfloat16)
+    _, compact, state = _run(step, algo, params, hidden, xs, targets, True)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(state.traces)} == {jnp.dtype("bfloat16")}
+    _, full, _ = _run(step, bt.D_RTRL(), params, hidden, xs, targets, True)
+    for name in params:
+        assert compact[name].dtype == jnp.float32
+        assert rel_err(compact[name], full[name]) <= 2e-2
+    with pytest.raises(TypeError, match="trace_dtype"):
+        bt.D_RTRL(trace_dtype=jnp.int32)
