@@ -46,7 +46,8 @@ class Learner:
     Methods mirror an optax-style loop: :meth:`init` once, then :meth:`step` per
     time step (or :meth:`scan` over a sequence). Every method is a pure function of
     its arguments, so it can be ``jax.jit``-ed, ``jax.vmap``-ed and used inside the
-    caller's own ``lax.scan``.
+    caller's own ``lax.scan``. Jit it: an eager step runs op by op (about half a
+    second for a small GRU on CPU, against well under a millisecond jitted).
     """
 
     def __init__(self, step_fn: Callable, loss_fn: Callable, algorithm: Algorithm, *,
