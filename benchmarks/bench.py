@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=None, help="steps per timed scan")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
-    parser.add_argument("--plot", default="benchmarks/memory_vs_T.png", help="PNG path ('' off)")
+    parser.add_argument("--plot", default="docs/memory_vs_T.png", help="PNG path ('' off)")
     args = parser.parse_args()
 
     n = args.n or (64 if args.quick else 256)
