@@ -6,6 +6,7 @@ Flax and Equinox faces.
 
 from . import algorithms, compiler, ops, registry, surrogate
 from .algorithms import (
+    ALGORITHM_NAMES,
     BPTT,
     D_RTRL,
     ES_D_RTRL,
@@ -13,6 +14,7 @@ from .algorithms import (
     Learner,
     LearnerState,
     OnlineAlgorithm,
+    algorithm_by_name,
     compile,
     pp_prop,
 )
@@ -42,6 +44,8 @@ __all__ = [
     "ES_D_RTRL",
     "pp_prop",
     "BPTT",
+    "ALGORITHM_NAMES",
+    "algorithm_by_name",
     "spike",
     "surrogate",
 ]

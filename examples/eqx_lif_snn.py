@@ -109,7 +109,7 @@ from tqdm import tqdm
 import braintrace as bt
 import braintrace_eqx as bte
 
-ALGORITHMS = ("d_rtrl", "pp_prop", "bptt")
+ALGORITHMS = bt.ALGORITHM_NAMES
 CHANCE = 0.5
 
 
@@ -190,12 +190,6 @@ def time_constants(model) -> np.ndarray:
     return np.asarray(-1.0 / jnp.log(a))
 
 
-def make_algorithm(name: str, pp_decay: float) -> bt.Algorithm:
-    if name == "pp_prop":
-        return bt.pp_prop(pp_decay)
-    return bt.D_RTRL() if name == "d_rtrl" else bt.BPTT()
-
-
 # -- evaluation ---------------------------------------------------------------------------
 
 
@@ -239,8 +233,8 @@ def train(name: str, data, args, progress: tqdm) -> dict:
     (x_train, y_train), (x_test, y_test) = data
     model = init_model(jax.random.PRNGKey(args.seed), x_train.shape[-1], args)
     tau_start = time_constants(model)
-    learner = bte.compile(model, cross_entropy, make_algorithm(name, args.pp_decay),
-                          batched=True)
+    algorithm = bt.algorithm_by_name(name, decay_or_rank=args.pp_decay)
+    learner = bte.compile(model, cross_entropy, algorithm, batched=True)
     if args.verbose:
         x0 = jnp.asarray(x_train[0, : args.batch_size])
         print(learner.report(model, zero_state(args.batch_size, args.hidden), x0))
@@ -406,7 +400,7 @@ def main(argv=None) -> dict:
         x0, y0 = jnp.asarray(x[:, :256]), jnp.asarray(y[:256])
         init = init_model(jax.random.PRNGKey(args.seed), x.shape[-1], args)
         summary["grad_cosine_vs_bptt_at_init"] = gradient_cosines(
-            init, make_algorithm(args.algorithm, args.pp_decay), x0, y0, args)
+            init, bt.algorithm_by_name(args.algorithm, decay_or_rank=args.pp_decay), x0, y0, args)
     if "bptt" in histories and args.algorithm != "bptt":
         summary["bptt_test_accuracy"] = histories["bptt"]["test_acc"][-1]
         summary["bptt_seconds"] = histories["bptt"]["seconds"]

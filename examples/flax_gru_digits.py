@@ -72,7 +72,7 @@ import braintrace_flax as btf
 
 NUM_CLASSES = 10
 SPLIT_SEED = 0  # one fixed train/test split: --seed changes init and shuffling only
-ALGORITHMS = ("d_rtrl", "pp_prop", "bptt")
+ALGORITHMS = bt.ALGORITHM_NAMES
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -134,14 +134,6 @@ def masked_cross_entropy(logits, target):
     return target["weight"] * ce
 
 
-def make_algorithm(name: str, decay: float) -> bt.Algorithm:
-    if name == "d_rtrl":
-        return bt.D_RTRL()
-    if name == "pp_prop":
-        return bt.pp_prop(decay)
-    return bt.BPTT()
-
-
 # -- training -----------------------------------------------------------------------------
 
 
@@ -162,7 +154,8 @@ def train(algorithm: str, data, args, progress: tqdm) -> dict:
     """Train one model with ``algorithm``; returns its loss/accuracy history."""
     x_train, x_test, y_train, y_test = data
     model = GRUClassifier(args.hidden)
-    learner = btf.compile(model, masked_cross_entropy, make_algorithm(algorithm, args.decay),
+    learner = btf.compile(model, masked_cross_entropy,
+                          bt.algorithm_by_name(algorithm, decay_or_rank=args.decay),
                           convert_dense=True)
     h0 = jnp.zeros((args.batch_size, args.hidden), jnp.float32)
     x0 = jnp.zeros((args.batch_size, x_train.shape[-1]), jnp.float32)

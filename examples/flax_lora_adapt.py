@@ -151,14 +151,6 @@ def masked_cross_entropy(logits, target):
     return target["weight"] * ce
 
 
-def make_algorithm(name: str, decay: float) -> bt.Algorithm:
-    if name == "d_rtrl":
-        return bt.D_RTRL()
-    if name == "pp_prop":
-        return bt.pp_prop(decay)
-    return bt.BPTT()
-
-
 def low_rank_change(params: dict, frozen: dict) -> dict:
     """Per layer, ``|A @ B| / |W0|`` (Frobenius): how far the adapter moved the kernel.
 
@@ -315,8 +307,9 @@ def main(argv=None) -> dict:
         # 3. Adapt only the LoRA params online on the mirrored digits.
         curves, adapted, seconds = {"pretrain (bptt, original)": pre_hist}, {}, {}
         for name in runs:
-            learner = btf.compile(lora_model, masked_cross_entropy,
-                                  make_algorithm(name, args.decay), constants=variables)
+            algorithm = bt.algorithm_by_name(name, decay_or_rank=args.decay)
+            learner = btf.compile(lora_model, masked_cross_entropy, algorithm,
+                                  constants=variables)
             if args.verbose and name != "bptt":
                 tqdm.write(str(learner.report(variables["params"], h0, x0)))
             t0 = time.perf_counter()

@@ -363,3 +363,12 @@ def test_bfloat16_trace_storage():
         assert rel_err(compact[name], full[name]) <= 2e-2
     with pytest.raises(TypeError, match="trace_dtype"):
         bt.D_RTRL(trace_dtype=jnp.int32)
+
+
+def test_algorithm_by_name():
+    assert isinstance(bt.algorithm_by_name("d_rtrl"), bt.D_RTRL)
+    assert bt.algorithm_by_name("ES_D_RTRL", decay_or_rank=3).alpha_x == 0.5
+    assert isinstance(bt.algorithm_by_name("bptt"), bt.BPTT)
+    assert set(bt.ALGORITHM_NAMES) == {"d_rtrl", "pp_prop", "bptt"}
+    with pytest.raises(ValueError, match="unknown algorithm 'rtrl'"):
+        bt.algorithm_by_name("rtrl")

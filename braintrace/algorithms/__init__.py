@@ -4,6 +4,7 @@ from .base import Algorithm, LearnerState, OnlineAlgorithm
 from .bptt import BPTT
 from .d_rtrl import D_RTRL
 from .learner import Learner, compile
+from .named import ALGORITHM_NAMES, algorithm_by_name
 from .pp_prop import ES_D_RTRL, pp_prop
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "BPTT",
     "Learner",
     "compile",
+    "ALGORITHM_NAMES",
+    "algorithm_by_name",
 ]

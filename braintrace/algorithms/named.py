@@ -1,0 +1,39 @@
+"""Algorithms by name, for command lines and configs."""
+
+from __future__ import annotations
+
+from .base import Algorithm
+from .bptt import BPTT
+from .d_rtrl import D_RTRL
+from .pp_prop import ES_D_RTRL
+
+__all__ = ["ALGORITHM_NAMES", "algorithm_by_name"]
+
+#: The names :func:`algorithm_by_name` accepts.
+ALGORITHM_NAMES = ("d_rtrl", "pp_prop", "bptt")
+
+
+def algorithm_by_name(name: str, *, decay_or_rank=0.9) -> Algorithm:
+    """``'d_rtrl'``, ``'pp_prop'`` (alias ``'es_d_rtrl'``) or ``'bptt'`` as an instance.
+
+    Parameters
+    ----------
+    name : str
+        The algorithm's name (case-insensitive).
+    decay_or_rank : float, int or pair
+        pp_prop's ``decay_or_rank`` (ignored by the others).
+
+    Examples
+    --------
+    >>> import braintrace as bt
+    >>> bt.algorithm_by_name("pp_prop", decay_or_rank=0.5).alpha_f
+    0.5
+    """
+    key = str(name).lower()
+    if key == "d_rtrl":
+        return D_RTRL()
+    if key in ("pp_prop", "es_d_rtrl"):
+        return ES_D_RTRL(decay_or_rank)
+    if key == "bptt":
+        return BPTT()
+    raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGORITHM_NAMES}.")
