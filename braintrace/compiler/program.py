@@ -226,7 +226,3 @@ def evaluate(program: Program, args, *, before=None, after=None, forward_mode=Fa
         env.update(zip(node.outputs, outvals))
     return [read(a) for a in program.outputs]
 
-
-def make_program(fn, *args) -> Program:
-    """Trace ``fn(*args)`` (flat array arguments) and flatten it."""
-    return flatten(jax.make_jaxpr(fn)(*args))
