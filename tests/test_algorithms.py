@@ -369,6 +369,19 @@ def test_algorithm_by_name():
     assert isinstance(bt.algorithm_by_name("d_rtrl"), bt.D_RTRL)
     assert bt.algorithm_by_name("ES_D_RTRL", decay_or_rank=3).alpha_x == 0.5
     assert isinstance(bt.algorithm_by_name("bptt"), bt.BPTT)
-    assert set(bt.ALGORITHM_NAMES) == {"d_rtrl", "pp_prop", "bptt"}
+    assert set(bt.ALGORITHM_NAMES) == {"d_rtrl", "pp_prop", "bptt", "one_step"}
+    assert isinstance(bt.algorithm_by_name("one_step"), bt.OneStep)
     with pytest.raises(ValueError, match="unknown algorithm 'rtrl'"):
         bt.algorithm_by_name("rtrl")
+
+
+def test_one_step_baseline_is_the_truncated_gradient():
+    """``OneStep`` (no traces): ``scan`` sums the one-step gradients; a control for traces."""
+    step, make_params, names = EXACT_MODELS["lif"]
+    params = make_params()
+    hidden, xs, targets = _data("batched", names)
+    _, grads, state = _run(step, bt.OneStep(), params, hidden, xs, targets, True)
+    truncated = one_step_grad(step, M.mse, params, hidden, xs, targets, True)
+    for name in params:
+        assert rel_err(grads[name], truncated[name]) <= 1e-12
+    assert state.traces == () and state.count == T

@@ -1,7 +1,7 @@
 """Online learning algorithms (D-RTRL, ES-D-RTRL / pp_prop), BPTT and the learner."""
 
 from .base import Algorithm, LearnerState, OnlineAlgorithm
-from .bptt import BPTT
+from .bptt import BPTT, OneStep
 from .d_rtrl import D_RTRL
 from .learner import Learner, compile
 from .named import ALGORITHM_NAMES, algorithm_by_name
@@ -15,6 +15,7 @@ __all__ = [
     "ES_D_RTRL",
     "pp_prop",
     "BPTT",
+    "OneStep",
     "Learner",
     "compile",
     "ALGORITHM_NAMES",

@@ -32,7 +32,11 @@ class LearnerState(NamedTuple):
 
 
 class Algorithm:
-    """Base class of the learning algorithms (``D_RTRL``, ``ES_D_RTRL``, ``BPTT``)."""
+    """Base class of the learning algorithms (``D_RTRL``, ``ES_D_RTRL``, ``BPTT``, ...).
+
+    ``online``: whether ``learner.scan`` sums per-step gradients (memory O(1) in T)
+    rather than differentiating through the stored sequence.
+    """
 
     name = "algorithm"
     online = True

@@ -1,10 +1,10 @@
-"""BPTT: the reference. ``scan`` is ``jax.grad`` through ``lax.scan`` (memory O(T))."""
+"""The references: BPTT (exact, memory O(T)) and the one-step gradient (no traces)."""
 
 from __future__ import annotations
 
 from .base import Algorithm
 
-__all__ = ["BPTT"]
+__all__ = ["BPTT", "OneStep"]
 
 
 class BPTT(Algorithm):
@@ -22,3 +22,19 @@ class BPTT(Algorithm):
 
     name = "bptt"
     online = False
+
+
+class OneStep(Algorithm):
+    """The one-step-truncated gradient with no traces: the control for what traces add.
+
+    Every step returns only the reverse pass through that step (``h^{t-1}`` held
+    fixed); ``learner.scan`` sums those, with memory independent of ``T``. Readouts
+    get their exact gradient, every recurrent parameter only its truncated one.
+
+    Examples
+    --------
+    >>> import braintrace as bt
+    >>> algo = bt.OneStep()
+    """
+
+    name = "one_step"

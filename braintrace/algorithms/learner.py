@@ -60,7 +60,8 @@ class Learner:
         if not isinstance(algorithm, Algorithm):
             raise TypeError(
                 "braintrace.compile: algorithm must be braintrace.D_RTRL(), "
-                f"braintrace.ES_D_RTRL(...) / pp_prop(...) or braintrace.BPTT(); got {algorithm!r}."
+                "braintrace.ES_D_RTRL(...) / pp_prop(...), braintrace.BPTT() or "
+                f"braintrace.OneStep(); got {algorithm!r}."
             )
         if not callable(step_fn) or not callable(loss_fn):
             raise TypeError("braintrace.compile: step_fn and loss_fn must be callable.")
@@ -160,7 +161,7 @@ class Learner:
         """
         _check_state(state)
         _check_time_major(xs, targets)
-        if not isinstance(self.algorithm, OnlineAlgorithm):
+        if not self.algorithm.online:
             return self._bptt_scan(params, state, xs, targets)
 
         def body(carry, inputs):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from .base import Algorithm
-from .bptt import BPTT
+from .bptt import BPTT, OneStep
 from .d_rtrl import D_RTRL
 from .pp_prop import ES_D_RTRL
 
 __all__ = ["ALGORITHM_NAMES", "algorithm_by_name"]
 
 #: The names :func:`algorithm_by_name` accepts.
-ALGORITHM_NAMES = ("d_rtrl", "pp_prop", "bptt")
+ALGORITHM_NAMES = ("d_rtrl", "pp_prop", "bptt", "one_step")
 
 
 def algorithm_by_name(name: str, *, decay_or_rank=0.9) -> Algorithm:
-    """``'d_rtrl'``, ``'pp_prop'`` (alias ``'es_d_rtrl'``) or ``'bptt'`` as an instance.
+    """An algorithm instance from its name (one of :data:`ALGORITHM_NAMES`).
+
+    ``'es_d_rtrl'`` is accepted as an alias of ``'pp_prop'``.
 
     Parameters
     ----------
@@ -36,4 +38,6 @@ def algorithm_by_name(name: str, *, decay_or_rank=0.9) -> Algorithm:
         return ES_D_RTRL(decay_or_rank)
     if key == "bptt":
         return BPTT()
+    if key == "one_step":
+        return OneStep()
     raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGORITHM_NAMES}.")
