@@ -126,6 +126,7 @@ def register_primitive(
     batched: bool = False,
     gradient_enabled: bool = False,
     trainable_invars_fn: Callable[[Mapping[str, Any]], Mapping[str, int]] | None = None,
+    frozen_invars_fn: Callable[[Mapping[str, Any]], Mapping[str, int]] | None = None,
     x_invar_index: int | None = 0,
     y_outvar_index: int = 0,
     multiple_results: bool = False,
@@ -156,6 +157,11 @@ def register_primitive(
     trainable_invars_fn : callable, optional
         ``fn(params) -> {name: operand_index}`` naming the trainable operands.
         ``None`` means ``{'weight': 1}``.
+    frozen_invars_fn : callable, optional
+        ``fn(params) -> {name: operand_index}`` naming non-trainable operands the
+        rules need (a mask): they reach every rule inside ``w`` next to the
+        trainables and get no gradient. They must be constants of the step or
+        ``params`` leaves (time-invariant), which the compiler checks.
     x_invar_index : int or None
         Operand index of the input ``x``; ``None`` for ops without an input.
     y_outvar_index : int
@@ -193,6 +199,11 @@ def register_primitive(
     if trainable_invars_fn is not None and not callable(trainable_invars_fn):
         raise TypeError(
             f"register_primitive({name!r}): trainable_invars_fn must be callable "
+            "(params -> {name: invar_index}) or None."
+        )
+    if frozen_invars_fn is not None and not callable(frozen_invars_fn):
+        raise TypeError(
+            f"register_primitive({name!r}): frozen_invars_fn must be callable "
             "(params -> {name: invar_index}) or None."
         )
     if x_invar_index is not None and (not isinstance(x_invar_index, int) or x_invar_index < 0):
@@ -247,6 +258,7 @@ def register_primitive(
     if gradient_enabled:
         registry.GRADIENT_ENABLED_PRIMITIVES.add(prim)
     registry.ETP_TRAINABLE_INVARS_FNS[prim] = trainable_invars_fn
+    registry.ETP_FROZEN_INVARS_FNS[prim] = frozen_invars_fn
     registry.ETP_X_INVAR_INDICES[prim] = x_invar_index
     registry.ETP_Y_OUTVAR_INDICES[prim] = y_outvar_index
 
@@ -257,6 +269,7 @@ def register_primitive(
                 prim,
                 gradient_enabled=gradient_enabled,
                 trainable_invars_fn=trainable_invars_fn,
+                frozen_invars_fn=frozen_invars_fn,
                 x_invar_index=x_invar_index,
                 y_outvar_index=y_outvar_index,
                 replace=replace,
@@ -377,6 +390,7 @@ def _derive_batched_counterpart(
     *,
     gradient_enabled: bool,
     trainable_invars_fn,
+    frozen_invars_fn,
     x_invar_index: int,
     y_outvar_index: int,
     replace: bool,
@@ -400,6 +414,7 @@ def _derive_batched_counterpart(
         batched=True,
         gradient_enabled=gradient_enabled,
         trainable_invars_fn=trainable_invars_fn,
+        frozen_invars_fn=frozen_invars_fn,
         x_invar_index=x_invar_index,
         y_outvar_index=y_outvar_index,
         multiple_results=unbatched.multiple_results,

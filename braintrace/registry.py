@@ -31,6 +31,11 @@ than a trace on ``A`` and ``B`` and still exact because the chain is linear):
 ``ETP_RULES_TRACE_TO_DW``
     ``(dtrace, w, **params) -> dw``: a *linear* map from a contracted trace to the
     gradient of the trainables. Defaults to the identity.
+
+A batched primitive's gradient rules (``xy_to_dw``, ``xy_to_trace``) sum over the
+batch axis, as its VJP does; the learner applies them to one sample at a time
+(:mod:`braintrace.rules`). ``w`` holds the trainables by name, plus any frozen
+operands named by ``ETP_FROZEN_INVARS_FNS`` (a mask the rules must apply).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = [
     "BATCHED_PRIMITIVES",
     "GRADIENT_ENABLED_PRIMITIVES",
     "ETP_TRAINABLE_INVARS_FNS",
+    "ETP_FROZEN_INVARS_FNS",
     "ETP_X_INVAR_INDICES",
     "ETP_Y_OUTVAR_INDICES",
     "ETP_RULES_YW_TO_W",
@@ -57,6 +63,7 @@ __all__ = [
     "is_batched",
     "is_gradient_enabled",
     "get_trainable_invars",
+    "get_frozen_invars",
     "get_x_invar_index",
     "get_y_outvar_index",
     "get_rule",
@@ -70,6 +77,8 @@ BATCHED_PRIMITIVES: set = set()
 GRADIENT_ENABLED_PRIMITIVES: set = set()
 
 ETP_TRAINABLE_INVARS_FNS: dict = {}
+#: Non-trainable operands the rules need (a mask), ``params -> {name: invar_index}``.
+ETP_FROZEN_INVARS_FNS: dict = {}
 ETP_X_INVAR_INDICES: dict = {}
 ETP_Y_OUTVAR_INDICES: dict = {}
 
@@ -98,6 +107,7 @@ _BY_NAME: dict[str, Any] = {}
 
 _METADATA_TABLES = (
     ETP_TRAINABLE_INVARS_FNS,
+    ETP_FROZEN_INVARS_FNS,
     ETP_X_INVAR_INDICES,
     ETP_Y_OUTVAR_INDICES,
     BATCHED_COUNTERPARTS,
@@ -148,6 +158,18 @@ def get_trainable_invars(prim: Any, params: Mapping[str, Any]) -> dict[str, int]
     if fn is None:
         return {"weight": 1}
     return dict(fn(params))
+
+
+def get_frozen_invars(prim: Any, params: Mapping[str, Any]) -> dict[str, int]:
+    """Map of frozen-operand name to invar index (``{}`` unless registered).
+
+    Frozen operands are non-trainable inputs the rules must see (a mask, a fixed
+    scale): the learner passes them inside ``w`` next to the trainables, and never
+    differentiates with respect to them.
+    """
+    _check_known(prim)
+    fn = ETP_FROZEN_INVARS_FNS.get(prim)
+    return {} if fn is None else dict(fn(params))
 
 
 def get_x_invar_index(prim: Any) -> int | None:

@@ -385,3 +385,72 @@ def test_one_step_baseline_is_the_truncated_gradient():
     for name in params:
         assert rel_err(grads[name], truncated[name]) <= 1e-12
     assert state.traces == () and state.count == T
+
+
+# -- a user op whose rules need a frozen operand ----------------------------------------
+
+
+def _masked_mm(x, w, mask):
+    return x @ (w * mask)
+
+
+def _masked_rules(use_mask):
+    def xy_to_dw(x, hidden_dim, w, **_):
+        dw = jnp.einsum("...i,...k->ik", x, hidden_dim)
+        return {"weight": dw * w["mask"] if use_mask else dw}
+
+    def yw_to_w(hidden_dim, trace, **_):
+        return {"weight": trace["weight"] * hidden_dim[..., None, :]}
+
+    return dict(
+        yw_to_w=yw_to_w,
+        xy_to_dw=xy_to_dw,
+        init_drtrl=lambda x_var, y_var, w_var, s: {
+            "weight": jnp.zeros(w_var["weight"].shape + (s,), w_var["weight"].dtype)},
+        init_pp=lambda x_var, y_var, w_var, s: jnp.zeros(y_var.shape + (s,), y_var.dtype),
+    )
+
+
+MASKED = bt.register_primitive("test_alg_masked_mm", _masked_mm,
+                               frozen_invars_fn=lambda params: {"mask": 2})
+MASKED.register_etp_rules(**_masked_rules(use_mask=True))
+MASK_BLIND = bt.register_primitive("test_alg_masked_mm_blind", _masked_mm,
+                                   frozen_invars_fn=lambda params: {"mask": 2})
+MASK_BLIND.register_etp_rules(**_masked_rules(use_mask=False))
+MASK = (jnp.arange(M.N_IN * M.N).reshape(M.N_IN, M.N) % 3 != 0).astype(jnp.float64)
+
+
+def _masked_lif(prim):
+    def step(p, h, x):
+        i = 0.8 * h["i"] + prim.bind(x, p["w"], MASK)
+        v = 0.7 * h["v"] * (1.0 - M.spike(h["v"] - 1.0)) + 0.3 * i
+        return {"i": i, "v": v}, jnp.tanh(v) @ p["ro"]
+
+    return step
+
+
+@pytest.mark.parametrize("mode", ["unbatched", "vmapped"])
+def test_rules_see_frozen_operands(mode):
+    """A masked dense registered by a user trains exactly: its rules read ``w['mask']``."""
+    params = {"w": M.lif_params()["w"], "ro": M.lif_params()["ro"]}
+    hidden, xs, targets = _data(mode, ("i", "v"))
+    step = _step_for(_masked_lif(MASKED), mode)
+    batched = mode != "unbatched"
+    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, batched)
+    _, grads, _ = _run(step, bt.D_RTRL(), params, hidden, xs, targets, batched)
+    assert rel_err(grads["w"], reference["w"]) <= 1e-10
+    _, pp, _ = _run(step, bt.pp_prop(0.5), params, hidden, xs, targets, batched)
+    assert float(jnp.abs(pp["w"] * (1 - MASK)).max()) == 0.0  # masked entries stay untouched
+    # Negative control: the same op with a rule blind to the mask is wrong.
+    blind = _step_for(_masked_lif(MASK_BLIND), mode)
+    _, wrong, _ = _run(blind, bt.D_RTRL(), params, hidden, xs, targets, batched)
+    assert rel_err(wrong["w"], reference["w"]) > 1e-3
+
+
+def test_frozen_operand_computed_in_the_step_is_refused():
+    def step(p, h, x):
+        h = 0.8 * h + MASKED.bind(x, p["w"], (x[:, None] > 0) * jnp.ones((1, M.N)))
+        return h, h.sum()
+
+    with pytest.raises(bt.CompileError, match="frozen operand 'mask'"):
+        bt.compile_graph(step, {"w": jnp.ones((M.N_IN, M.N))}, jnp.zeros(M.N), jnp.ones(M.N_IN))

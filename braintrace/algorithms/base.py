@@ -51,8 +51,12 @@ def stack_group(graph: ETPGraph, group: int, hidden_leaves: list) -> jax.Array:
 
 
 def op_weights(graph: ETPGraph, op: int, param_leaves: list) -> dict:
-    """The op's trainable inputs, ``{name: value}`` (the rules' ``w``)."""
-    return {name: param_leaves[leaf] for name, leaf in graph.ops[op].trainables.items()}
+    """The rules' ``w``: the op's trainable inputs and its frozen operands, by name."""
+    info = graph.ops[op]
+    w = {name: param_leaves[leaf] for name, leaf in info.trainables.items()}
+    for name, (kind, value) in info.frozen.items():
+        w[name] = param_leaves[value] if kind == "param" else value
+    return w
 
 
 def weight_structs(graph: ETPGraph, op: int, param_leaves: list) -> dict:

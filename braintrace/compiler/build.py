@@ -182,9 +182,22 @@ def _find_ops(program, n_p, p_paths, h_paths):
         y_index = registry.get_y_outvar_index(prim)
         x_aval = None if x_index is None else program.aval_of(node.inputs[x_index])
         y_aval = program.avals[node.outputs[y_index]]
+        frozen = {}
+        for name, invar in registry.get_frozen_invars(prim, node.params).items():
+            atom = node.inputs[invar]
+            if isinstance(atom, prog.Const):
+                frozen[name] = ("const", atom.value)
+            elif isinstance(atom, int) and atom in param_vids:
+                frozen[name] = ("param", param_vids[atom])
+            else:
+                raise CompileError(
+                    f"{label}: its frozen operand {name!r} (seen by its trace rules) is "
+                    "computed inside the step; it must be a constant or a params leaf, the "
+                    "same at every step. Compute it outside the step and close over it."
+                )
         ops.append(
             OpInfo(k, prim, dict(node.params), trainables, paths, x_index, y_index, x_aval,
-                   y_aval, index)
+                   y_aval, index, frozen)
         )
     return ops
 

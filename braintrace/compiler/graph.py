@@ -38,6 +38,8 @@ class OpInfo:
     x_aval: Any
     y_aval: Any
     node: int
+    # frozen operand name -> ("param", flat params leaf index) or ("const", value)
+    frozen: dict = dataclasses.field(default_factory=dict)
 
     @property
     def rules(self) -> SampleRules:
