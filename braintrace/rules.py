@@ -59,10 +59,6 @@ class SampleRules:
     def _rule(self, slot: str) -> Callable:
         return registry.get_rule(self.primitive, slot)
 
-    @property
-    def has_input(self) -> bool:
-        return registry.get_x_invar_index(self.primitive) is not None
-
     def init_drtrl(self, x_var, y_var, weight_var, num_states: int):
         """Zeros of one sample's D-RTRL trace (trainable shapes plus ``num_states``)."""
         return self._init("init_drtrl", x_var, y_var, weight_var, num_states)

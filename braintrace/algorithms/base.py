@@ -87,26 +87,11 @@ def add_into(grads: dict, op_leaves: dict, dw: dict) -> None:
         grads[leaf] = grads[leaf] + value if leaf in grads else value
 
 
-def sum_leading(a: jax.Array) -> jax.Array:
-    """Sum over the leading axis.
-
-    XLA's CPU reduction over a major axis is several times slower than adding the
-    slices (measured 1.5 ms against 0.23 ms for a 32 x 256 x 256 trace), so short
-    axes (a batch, a state axis) are added slice by slice into one fused loop.
-    """
-    if a.shape[0] > 64:
-        return a.sum(0)
-    total = a[0]
-    for i in range(1, a.shape[0]):
-        total = total + a[i]
-    return total
-
-
 def sum_lead(tree, relation: Relation):
     """Sum a per-sample result over the relation's leading axis."""
     if not relation.lead:
         return tree
-    return jax.tree_util.tree_map(sum_leading, tree)
+    return jax.tree_util.tree_map(lambda a: a.sum(0), tree)
 
 
 class OnlineAlgorithm(Algorithm):
