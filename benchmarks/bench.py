@@ -1,40 +1,43 @@
 """Time and memory of the online algorithms against BPTT, as ratios in one run.
 
 For a vanilla RNN, a GRU and a recurrent 2-state LIF network (ETP dense layers,
-batch B, hidden n), measures per time step, jitted and after warm-up, the cost of
-``learner.scan`` for D-RTRL, pp_prop and BPTT (interleaved repeats, median), and the
-compiled temp memory (``memory_analysis()``) as T grows. D-RTRL is also compared
-with its bandwidth bound: a plain update of a ``B x I x O`` trace per step, timed in
-the same process. The last stdout line is a JSON object.
+``n`` hidden units, batch ``B``, ``--n-in`` inputs), it measures per time step,
+jitted and after warm-up, ``learner.scan`` for BPTT, OneStep, pp_prop and D-RTRL
+(interleaved repeats, median). D-RTRL is compared with its bandwidth bound: one
+in-place read-modify-write pass over arrays of the traces' total size per step,
+timed in the same process; "traffic" is the trace bytes that bound moves per second.
+``--memory`` adds the compiled temp memory as T grows (and ``--plot PATH`` plots
+it). Nothing is written unless asked. The last stdout line is a JSON object.
 
-    python benchmarks/bench.py --quick        # < 2 minutes on 2 CPU cores
-    python benchmarks/bench.py                # n=256, B=32 (the documented run)
-    python benchmarks/bench.py --n 512        # the largest documented size
+    python benchmarks/bench.py --quick        # small sizes, about a minute on 2 CPU cores
+    python benchmarks/bench.py                # n=256, B=32, 8 inputs (the README table)
+    python benchmarks/bench.py --n 1024 --B 256 --memory
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-
-import braintrace as bt  # noqa: E402
-import models as M  # noqa: E402
+import braintrace as bt
+from braintrace.testing import models as M
 
 MODELS = {
     "rnn": (M.rnn_step, M.rnn_params, None),
     "gru": (M.gru_step, M.gru_params, None),
     "lif": (M.rlif_step, M.rlif_params, ("i", "v")),
 }
-ALGORITHMS = {"bptt": bt.BPTT(), "drtrl": bt.D_RTRL(), "pp_prop": bt.pp_prop(0.9)}
+ALGORITHMS = {
+    "bptt": bt.BPTT(),
+    "one_step": bt.OneStep(),
+    "pp_prop": bt.pp_prop(0.9),
+    "d_rtrl": bt.D_RTRL(),
+}
 
 
 def _setup(model, n, batch, t, n_in):
@@ -48,38 +51,17 @@ def _setup(model, n, batch, t, n_in):
     return step, params, hidden, xs, targets
 
 
-def _runner(step, algo, params, hidden, x0):
-    learner = bt.compile(step, M.mse, algo, batched=True)
-    state = learner.init(params, hidden, x0)
-    return jax.jit(learner.scan), state
-
-
-def _block(tree):
-    return jax.block_until_ready(tree)
-
-
-def time_per_step(model, n, batch, t, n_in, repeats):
-    """Median seconds per time step for each algorithm (interleaved repeats)."""
-    step, params, hidden, xs, targets = _setup(model, n, batch, t, n_in)
-    runs = {}
-    for name, algo in ALGORITHMS.items():
-        fn, state = _runner(step, algo, params, hidden, xs[0])
-        _block(fn(params, state, xs, targets))  # compile + warm-up
-        runs[name] = (fn, state)
-    samples = {name: [] for name in runs}
+def _median_seconds(fn, args, repeats) -> list:
+    samples = []
     for _ in range(repeats):
-        for name, (fn, state) in runs.items():
-            start = time.perf_counter()
-            _block(fn(params, state, xs, targets))
-            samples[name].append((time.perf_counter() - start) / t)
-    return {name: statistics.median(v) for name, v in samples.items()}
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
-def bandwidth_bound(model, n, batch, t, n_in, repeats):
-    """Seconds per step of a plain read-modify-write of every D-RTRL trace (same sizes)."""
-    step, params, hidden, xs, targets = _setup(model, n, batch, t, n_in)
-    learner = bt.compile(step, M.mse, bt.D_RTRL(), batched=True)
-    traces = learner.init(params, hidden, xs[0]).traces
+def _bound_runner(traces, t):
+    """``t`` steps of one read-modify-write pass over every trace array."""
     leaves = jax.tree_util.tree_leaves(traces)
 
     @jax.jit
@@ -89,16 +71,30 @@ def bandwidth_bound(model, n, batch, t, n_in, repeats):
 
         return jax.lax.scan(body, leaves, None, length=t)[0]
 
-    _block(run(leaves))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _block(run(leaves))
-        samples.append((time.perf_counter() - start) / t)
-    return statistics.median(samples)
+    return run, (leaves,)
 
 
-def temp_bytes(model, n, batch, t, n_in):
+def time_per_step(model, n, batch, t, n_in, repeats) -> tuple[dict, int]:
+    """Median seconds per step per algorithm and the bound, and the trace bytes."""
+    step, params, hidden, xs, targets = _setup(model, n, batch, t, n_in)
+    runs = {}
+    for name, algo in ALGORITHMS.items():
+        learner = bt.compile(step, M.mse, algo, batched=True)
+        state = learner.init(params, hidden, xs[0])
+        runs[name] = (jax.jit(learner.scan), (params, state, xs, targets))
+    traces = runs["d_rtrl"][1][1].traces
+    runs["bound"] = _bound_runner(traces, t)
+    for fn, args in runs.values():
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    samples = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit all alike
+        for name, (fn, args) in runs.items():
+            samples[name] += _median_seconds(fn, args, 1)
+    trace_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(traces))
+    return {k: statistics.median(v) / t for k, v in samples.items()}, trace_bytes
+
+
+def temp_bytes(model, n, batch, t, n_in) -> dict:
     """Compiled temp memory of ``learner.scan`` over ``t`` steps, per algorithm."""
     step, params, hidden, xs, targets = _setup(model, n, batch, 1, n_in)
     xs = jax.ShapeDtypeStruct((t,) + xs.shape[1:], xs.dtype)
@@ -112,20 +108,16 @@ def temp_bytes(model, n, batch, t, n_in):
     return out
 
 
-def plot_memory(memory, lengths, path):
-    try:
-        import matplotlib
+def plot_memory(memory, lengths, path) -> None:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(memory), figsize=(4 * len(memory), 3.2), squeeze=False)
     for ax, (model, per_t) in zip(axes[0], memory.items()):
         for name in ALGORITHMS:
-            ax.loglog(lengths, [max(per_t[t][name], 1) / 2**20 for t in lengths], "o-",
-                      label=name)
+            ax.loglog(lengths, [max(per_t[t][name], 1) / 2**20 for t in lengths], "o-", label=name)
         ax.set_title(model)
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("compiled temp memory (MiB)")
@@ -136,63 +128,86 @@ def plot_memory(memory, lengths, path):
     print(f"memory plot: {path}")
 
 
-def main() -> None:
+def _row(per_step: dict, trace_bytes: int) -> dict:
+    ms = {k: round(v * 1e3, 4) for k, v in per_step.items()}
+    return {
+        "ms_per_step": ms,
+        "pp_prop_over_bptt": round(per_step["pp_prop"] / per_step["bptt"], 3),
+        "d_rtrl_over_bptt": round(per_step["d_rtrl"] / per_step["bptt"], 3),
+        "d_rtrl_over_bound": round(per_step["d_rtrl"] / per_step["bound"], 3),
+        "trace_MiB": round(trace_bytes / 2**20, 2),
+        "bound_GB_per_s": round(2 * trace_bytes / per_step["bound"] / 1e9, 1),
+    }
+
+
+def _print_table(result: dict) -> None:
+    names = [*ALGORITHMS, "bound"]
+    header = (
+        f"{'model':<6}"
+        + "".join(f"{n:>10}" for n in names)
+        + f"{'pp/bptt':>9}{'dr/bound':>9}{'GB/s':>7}"
+    )
+    print("ms per step")
+    print(header)
+    print("-" * len(header))
+    for model, r in result.items():
+        cells = "".join(f"{r['ms_per_step'][n]:>10.3f}" for n in names)
+        print(
+            f"{model:<6}{cells}{r['pp_prop_over_bptt']:>9.2f}{r['d_rtrl_over_bound']:>9.2f}"
+            f"{r['bound_GB_per_s']:>7.1f}"
+        )
+
+
+def _arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, < 2 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--n", type=int, default=None, help="hidden units (default 256)")
     parser.add_argument("--B", type=int, default=None, help="batch size (default 32)")
+    parser.add_argument("--n-in", type=int, default=8, help="inputs per step (default 8)")
     parser.add_argument("--T", type=int, default=None, help="steps per timed scan")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
-    parser.add_argument("--plot", default="docs/memory_vs_T.png", help="PNG path ('' off)")
-    args = parser.parse_args()
+    parser.add_argument("--memory", action="store_true", help="also sweep compiled memory in T")
+    parser.add_argument("--plot", default="", help="PNG path for the memory sweep (off)")
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = _arguments()
     n = args.n or (64 if args.quick else 256)
     batch = args.B or (8 if args.quick else 32)
     t = args.T or (50 if args.quick else 200)
     repeats = args.repeats or (3 if args.quick else 7)
-    n_in = n
-    lengths = (100, 1000, 10000)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), n={n}, B={batch}, "
-          f"timed T={t}, repeats={repeats}")
-
-    result, memory = {}, {}
-    for model in models:
-        per_step = time_per_step(model, n, batch, t, n_in, repeats)
-        bound = bandwidth_bound(model, n, batch, t, n_in, repeats)
-        memory[model] = {length: temp_bytes(model, n, batch, length, n_in) for length in lengths}
-        result[model] = {
-            "ms_per_step": {k: round(v * 1e3, 4) for k, v in per_step.items()},
-            "pp_prop_over_bptt": round(per_step["pp_prop"] / per_step["bptt"], 3),
-            "drtrl_over_bptt": round(per_step["drtrl"] / per_step["bptt"], 3),
-            "drtrl_over_bandwidth_bound": round(per_step["drtrl"] / bound, 3),
-            "mem_T10000_over_T100": {
-                k: round(memory[model][10000][k] / max(memory[model][100][k], 1), 3)
-                for k in ALGORITHMS
-            },
-            "temp_MiB": {
-                str(length): {k: round(v / 2**20, 3) for k, v in memory[model][length].items()}
-                for length in lengths
-            },
-        }
-
-    header = f"{'model':<6}{'algo':<9}{'ms/step':>10}{'/bptt':>8}{'mem T=100':>12}" \
-             f"{'T=10000':>12}{'ratio':>8}"
-    print(header)
-    print("-" * len(header))
-    for model, r in result.items():
-        for name in ALGORITHMS:
-            ratio = r["ms_per_step"][name] / r["ms_per_step"]["bptt"]
-            mem = r["temp_MiB"]
-            print(f"{model:<6}{name:<9}{r['ms_per_step'][name]:>10.4f}{ratio:>8.2f}"
-                  f"{mem['100'][name]:>11.2f}M{mem['10000'][name]:>11.2f}M"
-                  f"{r['mem_T10000_over_T100'][name]:>8.2f}")
-        print(f"{'':<6}{'bound':<9}  D-RTRL / bandwidth bound = "
-              f"{r['drtrl_over_bandwidth_bound']:.2f}")
-    if args.plot:
-        plot_memory(memory, lengths, args.plot)
-    print(json.dumps({"device": jax.devices()[0].device_kind, "n": n, "B": batch, **result}))
+    device = jax.devices()[0]
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), n={n}, B={batch}, "
+        f"n_in={args.n_in}, timed T={t}, repeats={repeats}"
+    )
+    result = {m: _row(*time_per_step(m, n, batch, t, args.n_in, repeats)) for m in models}
+    _print_table(result)
+    if args.memory or args.plot:
+        lengths = (100, 1000, 10000)
+        memory = {m: {k: temp_bytes(m, n, batch, k, args.n_in) for k in lengths} for m in models}
+        for m in models:
+            result[m]["temp_MiB"] = {
+                str(k): {a: round(v / 2**20, 3) for a, v in memory[m][k].items()} for k in lengths
+            }
+            print(m, "temp MiB by T:", result[m]["temp_MiB"])
+        if args.plot:
+            plot_memory(memory, lengths, args.plot)
+    print(
+        json.dumps(
+            {
+                "device": device.device_kind,
+                "backend": jax.default_backend(),
+                "n": n,
+                "B": batch,
+                "n_in": args.n_in,
+                **result,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

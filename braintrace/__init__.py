@@ -4,22 +4,25 @@ The core is framework-agnostic; ``braintrace_flax`` and ``braintrace_eqx`` are t
 Flax and Equinox faces.
 """
 
-from . import algorithms, compiler, ops, registry, surrogate
+from . import algorithms, compiler, contract, ops, parallel, registry, surrogate
 from .algorithms import (
     ALGORITHM_NAMES,
     BPTT,
     D_RTRL,
     ES_D_RTRL,
     Algorithm,
+    DRTRLTraces,
     Learner,
     LearnerState,
+    NoTraces,
     OneStep,
     OnlineAlgorithm,
+    PPTraces,
     algorithm_by_name,
     compile,
     pp_prop,
 )
-from .compiler import CompileError, CompileReport, compile_graph
+from .compiler import CompileError, CompileReport, TruncationWarning, compile_graph
 from .primitive import ETPIdentityWarning, ETPPrimitive, register_primitive
 from .surrogate import spike
 
@@ -31,10 +34,12 @@ __all__ = [
     "register_primitive",
     "ops",
     "registry",
+    "contract",
     "compiler",
     "algorithms",
     "compile_graph",
     "CompileError",
+    "TruncationWarning",
     "CompileReport",
     "compile",
     "Learner",
@@ -46,8 +51,12 @@ __all__ = [
     "pp_prop",
     "BPTT",
     "OneStep",
+    "NoTraces",
+    "DRTRLTraces",
+    "PPTraces",
     "ALGORITHM_NAMES",
     "algorithm_by_name",
     "spike",
     "surrogate",
+    "parallel",
 ]

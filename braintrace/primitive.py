@@ -4,14 +4,18 @@ From one ``impl_fn`` written with ``jax.numpy``, :func:`register_primitive` make
 JAX primitive that works under every transformation (eager, ``jit``, ``grad``,
 ``jvp``, ``linear_transpose``, ``vmap``, ``eval_shape``) while staying a single,
 recognisable equation in the jaxpr. That equation is what the compiler looks for:
-the primitive object is the key, never its name.
+the primitive object is the key, never its name. What the compiler and learner
+know about the op is its :class:`~braintrace.contract.OpContract`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -19,89 +23,155 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from . import registry
+from . import batched_twin, registry
+from .contract import (
+    InitDrtrl,
+    InitPp,
+    InvarsFn,
+    OpContract,
+    TraceToDw,
+    XyToDw,
+    XyToTrace,
+    YwToW,
+)
 
-__all__ = ["ETPPrimitive", "ETPIdentityWarning", "register_primitive"]
+__all__ = ["ETPPrimitive", "ETPIdentityWarning", "register_primitive", "compiling"]
 
 
 class ETPIdentityWarning(UserWarning):
-    """An ETP op lost its identity under a transformation (it became plain jnp)."""
+    """An ETP op lost its identity while the compiler traced a step (it became plain jnp).
+
+    Only a step being compiled loses anything when an op dissolves (the compiler no
+    longer sees it, so its parameters get no trace); everywhere else, including the
+    learner's own evaluation of a vmapped ensemble, the dissolved op computes the
+    same values and nothing is reported.
+    """
 
 
-def _check_rule(prim_name: str, slot: str, fn: Any) -> Callable:
-    if not callable(fn):
-        raise TypeError(
-            f"ETP primitive {prim_name!r}: the {slot!r} rule must be callable, got "
-            f"{type(fn).__name__}."
-        )
-    return fn
+_COMPILING: contextvars.ContextVar[int] = contextvars.ContextVar("braintrace_compiling", default=0)
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """Mark the tracing of a step by the compiler: ops dissolving under it warn.
+
+    Examples
+    --------
+    >>> import warnings, jax, jax.numpy as jnp
+    >>> from braintrace import ops, primitive
+    >>> ws = jnp.ones((2, 3, 4))
+    >>> with primitive.compiling(), warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     _ = jax.vmap(lambda w: ops.dense(jnp.ones(3), w))(ws)
+    >>> [w.category.__name__ for w in seen]
+    ['ETPIdentityWarning']
+    """
+    token = _COMPILING.set(_COMPILING.get() + 1)
+    try:
+        yield
+    finally:
+        _COMPILING.reset(token)
 
 
 class ETPPrimitive(Primitive):
     """A JAX primitive that the braintrace compiler treats as a trainable op.
 
     Create one with :func:`register_primitive`; then install its eligibility-trace
-    rules with :meth:`register_etp_rules` (or the four ``register_*`` methods).
+    rules with :meth:`register_etp_rules` (or the ``register_*`` methods). Each
+    installation replaces :attr:`contract` with an updated copy.
 
     Attributes
     ----------
     impl_fn : callable
         The plain-``jax.numpy`` implementation, ``impl_fn(*operands, **params)``.
+    contract : OpContract
+        The op's metadata and rules (frozen; read-only attribute).
     batched : bool
         Whether ``x`` and ``y`` carry a leading batch axis.
     """
 
-    def __init__(self, name: str, impl_fn: Callable, *, batched: bool, multiple_results: bool):
+    def __init__(self, name: str, impl_fn: Callable, contract: OpContract):
         super().__init__(name)
         self.impl_fn = impl_fn
-        self.batched = batched
-        self.multiple_results = multiple_results
+        self._contract = contract
 
     def __repr__(self) -> str:
         return f"ETPPrimitive({self.name!r})"
 
+    @property
+    def contract(self) -> OpContract:
+        """The op's frozen :class:`~braintrace.contract.OpContract`."""
+        return self._contract
+
+    @property
+    def batched(self) -> bool:
+        """Whether ``x`` and ``y`` carry a leading batch axis (``contract.batched``)."""
+        return self._contract.batched
+
+    @property
+    def multiple_results(self) -> bool:  # read by JAX
+        return self._contract.multiple_results
+
+    def _update_contract(self, **changes: Any) -> None:
+        self._contract = dataclasses.replace(self._contract, **changes)
+
     # -- rule installation ---------------------------------------------------
-    def _install(self, slot: str, fn: Callable) -> Callable:
-        registry.RULE_TABLES[slot][self] = _check_rule(self.name, slot, fn)
+    def _install(self, **rules: Callable) -> None:
+        owner = f"ETP primitive {self.name!r}"
+        self._contract = self._contract.with_rules(owner=owner, **rules)
+
+    def register_yw_to_w(self, fn: YwToW) -> YwToW:
+        """Install ``fn(output_vector, trace, **params) -> trace``. Usable as a decorator."""
+        self._install(yw_to_w=fn)
         return fn
 
-    def register_yw_to_w(self, fn: Callable) -> Callable:
-        """Install ``fn(hidden_dim, trace, **params) -> trace``. Usable as a decorator."""
-        return self._install("yw_to_w", fn)
+    def register_xy_to_dw(self, fn: XyToDw) -> XyToDw:
+        """Install ``fn(x, y_cotangent, w, **params) -> dw``. Usable as a decorator."""
+        self._install(xy_to_dw=fn)
+        return fn
 
-    def register_xy_to_dw(self, fn: Callable) -> Callable:
-        """Install ``fn(x, hidden_dim, w, **params) -> dw``. Usable as a decorator."""
-        return self._install("xy_to_dw", fn)
+    def register_init_drtrl(self, fn: InitDrtrl) -> InitDrtrl:
+        """Install ``fn(x_var, y_var, weight_var, num_states) -> trace zeros``."""
+        self._install(init_drtrl=fn)
+        return fn
 
-    def register_init_drtrl(self, fn: Callable) -> Callable:
-        """Install ``fn(x_var, y_var, weight_var, num_hidden_state) -> trace``."""
-        return self._install("init_drtrl", fn)
+    def register_init_pp(self, fn: InitPp) -> InitPp:
+        """Install ``fn(x_var, y_var, weight_var, num_states) -> output-trace zeros``."""
+        self._install(init_pp=fn)
+        return fn
 
-    def register_init_pp(self, fn: Callable) -> Callable:
-        """Install ``fn(x_var, y_var, weight_var, num_hidden_state) -> zeros``."""
-        return self._install("init_pp", fn)
-
-    def register_xy_to_trace(self, fn: Callable) -> Callable:
+    def register_xy_to_trace(self, fn: XyToTrace) -> XyToTrace:
         """Install the optional D-RTRL instantaneous term in trace space."""
-        return self._install("xy_to_trace", fn)
+        self._install(xy_to_trace=fn)
+        return fn
 
-    def register_trace_to_dw(self, fn: Callable) -> Callable:
+    def register_trace_to_dw(self, fn: TraceToDw) -> TraceToDw:
         """Install the optional linear map from a contracted trace to ``dw``."""
-        return self._install("trace_to_dw", fn)
+        self._install(trace_to_dw=fn)
+        return fn
 
     def register_etp_rules(
         self,
         *,
-        yw_to_w: Callable | None = None,
-        xy_to_dw: Callable | None = None,
-        init_drtrl: Callable | None = None,
-        init_pp: Callable | None = None,
-        xy_to_trace: Callable | None = None,
-        trace_to_dw: Callable | None = None,
+        yw_to_w: YwToW | None = None,
+        xy_to_dw: XyToDw | None = None,
+        init_drtrl: InitDrtrl | None = None,
+        init_pp: InitPp | None = None,
+        xy_to_trace: XyToTrace | None = None,
+        trace_to_dw: TraceToDw | None = None,
     ) -> ETPPrimitive:
         """Install several rules at once; an argument left ``None`` is skipped.
 
-        Returns the primitive, so registration can be chained.
+        All are checked before any is installed. Returns the primitive, so
+        registration can be chained.
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp, braintrace
+        >>> p = braintrace.register_primitive('etp_doc_scale', lambda x, w: x * w)
+        >>> p = p.register_etp_rules(yw_to_w=lambda v, t, **params: {'weight': t['weight'] * v})
+        >>> braintrace.registry.has_rule(p, 'yw_to_w'), braintrace.registry.has_rule(p, 'init_pp')
+        (True, False)
         """
         given = dict(
             yw_to_w=yw_to_w,
@@ -111,11 +181,7 @@ class ETPPrimitive(Primitive):
             xy_to_trace=xy_to_trace,
             trace_to_dw=trace_to_dw,
         )
-        given = {slot: fn for slot, fn in given.items() if fn is not None}
-        for slot, fn in given.items():  # validate all first: install all or nothing
-            _check_rule(self.name, slot, fn)
-        for slot, fn in given.items():
-            self._install(slot, fn)
+        self._install(**{slot: fn for slot, fn in given.items() if fn is not None})
         return self
 
 
@@ -125,8 +191,8 @@ def register_primitive(
     *,
     batched: bool = False,
     gradient_enabled: bool = False,
-    trainable_invars_fn: Callable[[Mapping[str, Any]], Mapping[str, int]] | None = None,
-    frozen_invars_fn: Callable[[Mapping[str, Any]], Mapping[str, int]] | None = None,
+    trainable_invars_fn: InvarsFn | None = None,
+    frozen_invars_fn: InvarsFn | None = None,
     x_invar_index: int | None = 0,
     y_outvar_index: int = 0,
     multiple_results: bool = False,
@@ -189,101 +255,128 @@ def register_primitive(
     >>> my_p.bind(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
     (2, 4)
     """
+    contract = OpContract(
+        batched=bool(batched),
+        gradient_enabled=bool(gradient_enabled),
+        trainable_invars_fn=trainable_invars_fn,
+        frozen_invars_fn=frozen_invars_fn,
+        x_invar_index=x_invar_index,
+        y_outvar_index=y_outvar_index,
+        multiple_results=bool(multiple_results),
+        batched_counterpart=batched_counterpart,
+    )
+    _check_registration(name, impl_fn, contract, replace)
+    prim = ETPPrimitive(name, impl_fn, contract)
+    _install_transformations(prim)
+    registry.claim(prim, replace=replace)
+    if _derives_twin(contract):
+        twin = _derive_batched_counterpart(prim, replace=replace)
+        prim._update_contract(batched_counterpart=twin, counterpart_is_derived=True)
+    return prim
+
+
+# -- registration checks: all run before anything is registered -------------------
+
+
+def _derives_twin(contract: OpContract) -> bool:
+    """An unbatched op with an input and no explicit counterpart gets a derived twin."""
+    return (
+        not contract.batched
+        and contract.x_invar_index is not None
+        and contract.batched_counterpart is None
+    )
+
+
+def _check_registration(name: str, impl_fn: Any, contract: OpContract, replace: bool) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_primitive: name must be a non-empty str, got {name!r}.")
+    where = f"register_primitive({name!r})"
     if not callable(impl_fn):
-        raise TypeError(
-            f"register_primitive({name!r}): impl_fn must be callable, got "
-            f"{type(impl_fn).__name__}."
-        )
-    if trainable_invars_fn is not None and not callable(trainable_invars_fn):
-        raise TypeError(
-            f"register_primitive({name!r}): trainable_invars_fn must be callable "
-            "(params -> {name: invar_index}) or None."
-        )
-    if frozen_invars_fn is not None and not callable(frozen_invars_fn):
-        raise TypeError(
-            f"register_primitive({name!r}): frozen_invars_fn must be callable "
-            "(params -> {name: invar_index}) or None."
-        )
-    if x_invar_index is not None and (not isinstance(x_invar_index, int) or x_invar_index < 0):
-        raise TypeError(
-            f"register_primitive({name!r}): x_invar_index must be a non-negative int or "
-            f"None, got {x_invar_index!r}."
-        )
-    if not isinstance(y_outvar_index, int) or y_outvar_index < 0:
-        raise TypeError(
-            f"register_primitive({name!r}): y_outvar_index must be a non-negative int, "
-            f"got {y_outvar_index!r}."
-        )
-    if y_outvar_index and not multiple_results:
-        raise ValueError(
-            f"register_primitive({name!r}): y_outvar_index={y_outvar_index} needs "
-            "multiple_results=True."
-        )
-    if batched and batched_counterpart is not None:
-        raise ValueError(
-            f"register_primitive({name!r}): a batched primitive has no batched_counterpart."
-        )
-    if batched_counterpart is not None and not registry.is_batched(batched_counterpart):
-        raise ValueError(
-            f"register_primitive({name!r}): batched_counterpart must be a registered "
-            "batched ETP primitive."
-        )
-
-    derives_twin = not batched and x_invar_index is not None and batched_counterpart is None
-    twin_name = name + "_batched"
-    clash = not replace and name not in registry._BY_NAME and twin_name in registry._BY_NAME
-    if derives_twin and clash:
-        # Refuse before claiming ``name``: a clash found while deriving the twin
-        # would otherwise leave this primitive half-registered.
-        raise ValueError(
-            f"register_primitive({name!r}): its derived batched counterpart would be "
-            f"named {twin_name!r}, but an ETP primitive with that name is already "
-            "registered; choose another name, pass batched_counterpart=..., or pass "
-            "replace=True."
-        )
-
-    prim = ETPPrimitive(name, impl_fn, batched=batched, multiple_results=multiple_results)
-    old = registry._BY_NAME.get(name)
-    registry._claim_name(name, prim, replace)
-    if old is not None and getattr(old, "_derived_counterpart", None) is not None:
-        registry._forget(old._derived_counterpart)
-
-    _install_transformations(prim, impl_fn, x_invar_index)
-
-    registry.ETP_PRIMITIVES.add(prim)
-    if batched:
-        registry.BATCHED_PRIMITIVES.add(prim)
-    if gradient_enabled:
-        registry.GRADIENT_ENABLED_PRIMITIVES.add(prim)
-    registry.ETP_TRAINABLE_INVARS_FNS[prim] = trainable_invars_fn
-    registry.ETP_FROZEN_INVARS_FNS[prim] = frozen_invars_fn
-    registry.ETP_X_INVAR_INDICES[prim] = x_invar_index
-    registry.ETP_Y_OUTVAR_INDICES[prim] = y_outvar_index
-
-    prim._derived_counterpart = None
-    if not batched and x_invar_index is not None:
-        if batched_counterpart is None:
-            batched_counterpart = _derive_batched_counterpart(
-                prim,
-                gradient_enabled=gradient_enabled,
-                trainable_invars_fn=trainable_invars_fn,
-                frozen_invars_fn=frozen_invars_fn,
-                x_invar_index=x_invar_index,
-                y_outvar_index=y_outvar_index,
-                replace=replace,
+        raise TypeError(f"{where}: impl_fn must be callable, got {type(impl_fn).__name__}.")
+    for arg in ("trainable_invars_fn", "frozen_invars_fn"):
+        fn = getattr(contract, arg)
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"{where}: {arg} must be callable (params -> {{name: invar_index}}) or None."
             )
-            prim._derived_counterpart = batched_counterpart
-        registry.BATCHED_COUNTERPARTS[prim] = batched_counterpart
-    return prim
+    _check_indices(where, contract)
+    _check_counterpart(where, contract)
+    if _derives_twin(contract):
+        _check_twin_name_is_free(name, where, replace)
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and value >= 0
+
+
+def _check_indices(where: str, contract: OpContract) -> None:
+    x_index, y_index = contract.x_invar_index, contract.y_outvar_index
+    if x_index is not None and not _is_index(x_index):
+        raise TypeError(
+            f"{where}: x_invar_index must be a non-negative int or None, got {x_index!r}."
+        )
+    if not _is_index(y_index):
+        raise TypeError(f"{where}: y_outvar_index must be a non-negative int, got {y_index!r}.")
+    if y_index and not contract.multiple_results:
+        raise ValueError(f"{where}: y_outvar_index={y_index} needs multiple_results=True.")
+
+
+def _check_counterpart(where: str, contract: OpContract) -> None:
+    counterpart = contract.batched_counterpart
+    if counterpart is None:
+        return
+    if contract.batched:
+        raise ValueError(f"{where}: a batched primitive has no batched_counterpart.")
+    if not registry.is_batched(counterpart):
+        raise ValueError(
+            f"{where}: batched_counterpart must be a registered batched ETP primitive."
+        )
+
+
+def _check_twin_name_is_free(name: str, where: str, replace: bool) -> None:
+    # Refuse before claiming ``name``: a clash found while deriving the twin would
+    # otherwise leave this primitive half-registered. Replacing ``name`` frees the
+    # old twin's name; ``replace=True`` also allows taking over a foreign one.
+    twin_name = name + "_batched"
+    if replace or name in registry.BY_NAME or twin_name not in registry.BY_NAME:
+        return
+    raise ValueError(
+        f"{where}: its derived batched counterpart would be named {twin_name!r}, but an "
+        "ETP primitive with that name is already registered; choose another name, pass "
+        "batched_counterpart=..., or pass replace=True."
+    )
+
+
+# -- derived batched counterpart ---------------------------------------------
+
+
+def _derive_batched_counterpart(unbatched: ETPPrimitive, *, replace: bool) -> ETPPrimitive:
+    """Register ``<name>_batched``: ``unbatched`` mapped over ``x``, with vmapped rules.
+
+    The twin's rules look the unbatched rules up at call time, so rules installed
+    on the unbatched primitive after registration are picked up.
+    """
+    c = unbatched.contract
+    twin = register_primitive(
+        unbatched.name + "_batched",
+        batched_twin.twin_impl(unbatched),
+        batched=True,
+        gradient_enabled=c.gradient_enabled,
+        trainable_invars_fn=c.trainable_invars_fn,
+        frozen_invars_fn=c.frozen_invars_fn,
+        x_invar_index=c.x_invar_index,
+        y_outvar_index=c.y_outvar_index,
+        multiple_results=c.multiple_results,
+        replace=replace,
+    )
+    return twin.register_etp_rules(**batched_twin.twin_rules(unbatched))
 
 
 # -- transformations -----------------------------------------------------------
 
 
-def _install_transformations(prim: ETPPrimitive, impl_fn: Callable, x_index: int | None) -> None:
-    mr = prim.multiple_results
+def _install_transformations(prim: ETPPrimitive) -> None:
+    impl_fn, x_index, mr = prim.impl_fn, prim.contract.x_invar_index, prim.multiple_results
 
     def impl(*args, **params):
         return impl_fn(*args, **params)
@@ -334,14 +427,15 @@ def _install_transformations(prim: ETPPrimitive, impl_fn: Callable, x_index: int
 
 
 def _dissolve(prim: ETPPrimitive, args, dims, params, why: str):
-    warnings.warn(
-        f"ETP op {prim.name!r} cannot stay an ETP primitive under jax.vmap ({why}); it "
-        "is computed as plain jax.numpy here and the braintrace compiler will not see "
-        "it, so its parameters get no eligibility trace. Vmap over the op's input x "
-        "only (weights unbatched) to keep it traceable.",
-        ETPIdentityWarning,
-        stacklevel=2,
-    )
+    if _COMPILING.get():
+        warnings.warn(
+            f"ETP op {prim.name!r} cannot stay an ETP primitive under jax.vmap ({why}); it "
+            "is computed as plain jax.numpy here and the braintrace compiler will not see "
+            "it, so its parameters get no eligibility trace. Vmap over the op's input x "
+            "only (weights unbatched) to keep it traceable.",
+            ETPIdentityWarning,
+            stacklevel=2,
+        )
     fn = functools.partial(prim.impl_fn, **params)
     out = jax.vmap(fn, in_axes=tuple(dims), out_axes=0)(*args)
     return out, ([0] * len(out) if prim.multiple_results else 0)
@@ -370,91 +464,3 @@ def _batch_rule(prim: ETPPrimitive, x_index: int | None, args, dims, **params):
     if prim.multiple_results:
         return [unfold(y) for y in out], [0] * len(out)
     return unfold(out), 0
-
-
-# -- derived batched counterpart ---------------------------------------------
-
-
-def _add_batch(var: Any, size: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((size,) + tuple(var.shape), var.dtype)
-
-
-def _drop_batch(var: Any) -> jax.ShapeDtypeStruct | None:
-    if var is None:
-        return None
-    return jax.ShapeDtypeStruct(tuple(var.shape[1:]), var.dtype)
-
-
-def _derive_batched_counterpart(
-    unbatched: ETPPrimitive,
-    *,
-    gradient_enabled: bool,
-    trainable_invars_fn,
-    frozen_invars_fn,
-    x_invar_index: int,
-    y_outvar_index: int,
-    replace: bool,
-) -> ETPPrimitive:
-    """A batched twin of ``unbatched`` whose rules vmap the unbatched rules.
-
-    The twin's rules look the unbatched rules up at call time, so rules installed
-    on the unbatched primitive after registration are picked up.
-    """
-
-    def impl(*args, **params):
-        in_axes = [None] * len(args)
-        in_axes[x_invar_index] = 0
-        return jax.vmap(functools.partial(unbatched.impl_fn, **params), in_axes=tuple(in_axes))(
-            *args
-        )
-
-    twin = register_primitive(
-        unbatched.name + "_batched",
-        impl,
-        batched=True,
-        gradient_enabled=gradient_enabled,
-        trainable_invars_fn=trainable_invars_fn,
-        frozen_invars_fn=frozen_invars_fn,
-        x_invar_index=x_invar_index,
-        y_outvar_index=y_outvar_index,
-        multiple_results=unbatched.multiple_results,
-        replace=replace,
-    )
-    rule = functools.partial(registry.get_rule, unbatched)
-    sum0 = functools.partial(jax.tree_util.tree_map, lambda a: a.sum(0))
-
-    def yw_to_w(hidden_dim, trace, **params):
-        return jax.vmap(lambda h, t: rule("yw_to_w")(h, t, **params))(hidden_dim, trace)
-
-    def xy_to_dw(x, hidden_dim, w, **params):
-        per = jax.vmap(lambda a, h: rule("xy_to_dw")(a, h, w, **params))(x, hidden_dim)
-        return sum0(per)
-
-    def xy_to_trace(x, hidden_dim, w, **params):
-        slot = "xy_to_trace" if registry.has_rule(unbatched, "xy_to_trace") else "xy_to_dw"
-        return sum0(jax.vmap(lambda a, h: rule(slot)(a, h, w, **params))(x, hidden_dim))
-
-    def trace_to_dw(dtrace, w, **params):
-        if not registry.has_rule(unbatched, "trace_to_dw"):
-            return dtrace
-        return rule("trace_to_dw")(dtrace, w, **params)
-
-    def _init(slot):
-        def init(x_var, y_var, weight_var, num_hidden_state):
-            size = x_var.shape[0]
-            zeros = rule(slot)(_drop_batch(x_var), _drop_batch(y_var), weight_var, num_hidden_state)
-            return jax.tree_util.tree_map(
-                lambda z: jnp.zeros(_add_batch(z, size).shape, z.dtype), zeros
-            )
-
-        return init
-
-    twin.register_etp_rules(
-        yw_to_w=yw_to_w,
-        xy_to_dw=xy_to_dw,
-        init_drtrl=_init("init_drtrl"),
-        init_pp=_init("init_pp"),
-        xy_to_trace=xy_to_trace,
-        trace_to_dw=trace_to_dw,
-    )
-    return twin

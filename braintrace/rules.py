@@ -41,10 +41,14 @@ def _lead_struct(var, lead: bool):
 class SampleRules:
     """Per-sample rules of one ETP equation.
 
+    Each method calls the primitive's rule (from its
+    :class:`~braintrace.contract.OpContract`) with the equation's ``params``, on
+    one sample's arrays; arguments are the rules' (:mod:`braintrace.contract`).
+
     Parameters
     ----------
     primitive : ETPPrimitive
-        The equation's primitive.
+        The equation's primitive (registered).
     params : dict
         The equation's keyword parameters (passed to every rule).
     """
@@ -74,25 +78,25 @@ class SampleRules:
         )
         return _drop_lead(out) if lead else out
 
-    def xy_to_trace(self, x, hidden_dim, w):
+    def xy_to_trace(self, x, y_cotangent, w):
         """Instantaneous D-RTRL term of one sample, in trace space."""
         slot = "xy_to_trace" if registry.has_rule(self.primitive, "xy_to_trace") else "xy_to_dw"
-        return self._call_xy(slot, x, hidden_dim, w)
+        return self._call_xy(slot, x, y_cotangent, w)
 
-    def xy_to_dw(self, x, hidden_dim, w):
-        """The op's VJP w.r.t. its trainables for one sample."""
-        return self._call_xy("xy_to_dw", x, hidden_dim, w)
+    def xy_to_dw(self, x, y_cotangent, w):
+        """The op's VJP w.r.t. its trainables for one sample, at cotangent ``y_cotangent``."""
+        return self._call_xy("xy_to_dw", x, y_cotangent, w)
 
-    def _call_xy(self, slot, x, hidden_dim, w):
+    def _call_xy(self, slot, x, y_cotangent, w):
         if self._batched:
-            x, hidden_dim = x[None], hidden_dim[None]
-        return self._rule(slot)(x, hidden_dim, w, **self.params)
+            x, y_cotangent = x[None], y_cotangent[None]
+        return self._rule(slot)(x, y_cotangent, w, **self.params)
 
-    def yw_to_w(self, hidden_dim, trace):
-        """Scale one sample's trace along the output axis."""
+    def yw_to_w(self, output_vector, trace):
+        """Scale one sample's trace along the output axis by ``output_vector``."""
         if not self._batched:
-            return self._rule("yw_to_w")(hidden_dim, trace, **self.params)
-        out = self._rule("yw_to_w")(hidden_dim[None], _add_lead(trace), **self.params)
+            return self._rule("yw_to_w")(output_vector, trace, **self.params)
+        out = self._rule("yw_to_w")(output_vector[None], _add_lead(trace), **self.params)
         return _drop_lead(out)
 
     def trace_to_dw(self, dtrace, w):

@@ -1,33 +1,47 @@
 """braintrace for Equinox: ETP layers and cells as ``eqx.Module`` s, and the learner.
 
-Layers (:class:`Linear`, :class:`LoRA`, :class:`Elemwise`) and cells
-(:class:`GRUCell`, :class:`LSTMCell`, :class:`LIFCell`) route their trainable
-arrays through braintrace's ETP ops; :func:`compile` turns a per-sample model
-``model(x, hidden) -> (hidden, out)`` into an online learner whose gradients are
-model-shaped pytrees for ``optax`` and ``eqx.apply_updates``.
+Layers (:class:`ETPLinear`, :class:`ETPLoRA`, :class:`ETPElemwise`) and cells
+(:class:`ETPGRUCell`, :class:`ETPLSTMCell`, :class:`ETPLIFCell`) route their trainable
+arrays through braintrace's ETP ops; the twins of Equinox layers keep Equinox's
+fields, and :func:`from_eqx` / :func:`to_eqx` convert a whole model. :func:`compile`
+turns a per-sample model ``model(x, hidden) -> (hidden, out)`` into an online learner
+whose gradients are model-shaped pytrees for ``optax`` and ``eqx.apply_updates``.
+
+Every braintrace layer and cell carries the ``ETP`` prefix, in each face (linen,
+NNX, Equinox). The names without it (``Linear``, ``LoRA``, ``Elemwise``, ``GRUCell``,
+``LSTMCell``, ``LIFCell``) were this package's first, documented names; they remain
+importable as aliases of the same classes.
 
 Examples
 --------
 >>> import jax, jax.numpy as jnp, braintrace_eqx as bte
->>> bte.Linear(3, 2, key=jax.random.PRNGKey(0))(jnp.ones(3)).shape
+>>> bte.ETPLinear(3, 2, key=jax.random.PRNGKey(0))(jnp.ones(3)).shape
 (2,)
 """
 
 from braintrace.surrogate import spike
 
-from .cells import GRUCell, LIFCell, LSTMCell
+from .cells import ETPGRUCell, ETPLIFCell, ETPLSTMCell
 from .convert import from_eqx, to_eqx
 from .filters import trainable
-from .layers import Elemwise, Linear, LoRA
+from .layers import ETPElemwise, ETPLinear, ETPLoRA
 from .learner import Learner, compile
 
+# The first release's names (documented then), kept as aliases of the same classes.
+Linear = ETPLinear
+LoRA = ETPLoRA
+Elemwise = ETPElemwise
+GRUCell = ETPGRUCell
+LSTMCell = ETPLSTMCell
+LIFCell = ETPLIFCell
+
 __all__ = [
-    "Linear",
-    "LoRA",
-    "Elemwise",
-    "GRUCell",
-    "LSTMCell",
-    "LIFCell",
+    "ETPLinear",
+    "ETPLoRA",
+    "ETPElemwise",
+    "ETPGRUCell",
+    "ETPLSTMCell",
+    "ETPLIFCell",
     "spike",
     "from_eqx",
     "to_eqx",

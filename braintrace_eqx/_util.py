@@ -6,26 +6,49 @@ import dataclasses
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
+# Shapes only: filter_eval_shape never draws from it.
+_SKELETON_KEY = jax.random.PRNGKey(0)
 
-def new_module(cls: type[eqx.Module], **fields: Any) -> Any:
-    """Build ``cls`` from its field values without running ``__init__``.
 
-    The same route Equinox takes when it unflattens a module, used by the
-    conversions (which have the arrays already and no key).
+def array_fields(module: eqx.Module) -> list[str]:
+    """The non-static fields of ``module`` that hold an array (``None`` left out)."""
+    return [
+        f.name
+        for f in dataclasses.fields(module)
+        if not f.metadata.get("static", False) and getattr(module, f.name) is not None
+    ]
+
+
+def rebuild(cls: type[eqx.Module], source: eqx.Module, *args: Any, **kwargs: Any) -> Any:
+    """``cls(*args, **kwargs, key=...)`` holding ``source``'s arrays, without initialising any.
+
+    ``cls`` and ``type(source)`` have the same array fields (an ETP layer and its
+    Equinox twin); ``args``/``kwargs`` give ``cls`` the same static fields. The module
+    is built abstractly (``eqx.filter_eval_shape``) and its arrays are put in with
+    ``eqx.tree_at``, so shapes and dtypes are checked and nothing is drawn at random.
     """
-    expected = {f.name for f in dataclasses.fields(cls)}
-    if set(fields) != expected:
+    skeleton = eqx.filter_eval_shape(cls, *args, key=_SKELETON_KEY, **kwargs)
+    names = array_fields(source)
+    if names != array_fields(skeleton):
         raise TypeError(
-            f"braintrace_eqx: cannot build {cls.__module__}.{cls.__qualname__} from fields "
-            f"{sorted(fields)}; it has {sorted(expected)} (an Equinox version this adapter does "
-            "not know?). Please report it."
+            f"braintrace_eqx: cannot build {cls.__qualname__} from a {type(source).__qualname__} "
+            f"with arrays {names}; it has {array_fields(skeleton)} (an Equinox version this "
+            "adapter does not know?). Please report it."
         )
-    obj = object.__new__(cls)
-    for name, value in fields.items():
-        object.__setattr__(obj, name, value)
-    return obj
+    for name in names:
+        want, got = getattr(skeleton, name), getattr(source, name)
+        if (want.shape, want.dtype) != (jnp.shape(got), jnp.result_type(got)):
+            raise ValueError(
+                f"braintrace_eqx: {type(source).__qualname__}.{name} is "
+                f"{jnp.result_type(got)}{list(jnp.shape(got))}, but {cls.__qualname__} expects "
+                f"{want.dtype}{list(want.shape)}."
+            )
+    return eqx.tree_at(
+        lambda m: [getattr(m, n) for n in names], skeleton, [getattr(source, n) for n in names]
+    )
 
 
 def floating(where: str, name: str, value: Any) -> jnp.ndarray:

@@ -7,12 +7,12 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from .cells import GRUCell, LSTMCell
-from .layers import Linear
+from .cells import ETPGRUCell, ETPLSTMCell
+from .layers import ETPLinear
 
 __all__ = ["from_eqx", "to_eqx"]
 
-_TO_ETP = {eqx.nn.Linear: Linear, eqx.nn.GRUCell: GRUCell, eqx.nn.LSTMCell: LSTMCell}
+_TO_ETP = {eqx.nn.Linear: ETPLinear, eqx.nn.GRUCell: ETPGRUCell, eqx.nn.LSTMCell: ETPLSTMCell}
 
 
 def _swap(tree: Any, table: dict) -> Any:
@@ -32,7 +32,8 @@ def _swap(tree: Any, table: dict) -> Any:
 
 def from_eqx(model: Any) -> Any:
     """Swap every ``eqx.nn.Linear`` / ``GRUCell`` / ``LSTMCell`` in ``model`` for its
-    ETP twin (same arrays; the cells' gate stacks are split per gate).
+    ETP twin: the same arrays under the same names, shapes and order (the cells'
+    fused gate kernels included), now running through ETP ops.
 
     Parameters
     ----------
@@ -49,19 +50,21 @@ def from_eqx(model: Any) -> Any:
     >>> import jax, jax.numpy as jnp, equinox as eqx, braintrace_eqx as bte
     >>> trained = eqx.nn.GRUCell(3, 4, key=jax.random.PRNGKey(0))
     >>> cell = bte.from_eqx(trained)
-    >>> type(cell).__name__, bool(jnp.all(bte.to_eqx(cell).weight_ih == trained.weight_ih))
-    ('GRUCell', True)
+    >>> same = bool(jnp.all(cell.weight_ih == trained.weight_ih))
+    >>> type(cell).__name__, cell.weight_ih.shape, same
+    ('ETPGRUCell', (12, 3), True)
     """
     return _swap(model, _TO_ETP)
 
 
 def to_eqx(model: Any) -> Any:
-    """Swap every ETP ``Linear`` / ``GRUCell`` / ``LSTMCell`` in ``model`` back to Equinox's.
+    """Swap every ETP ``ETPLinear`` / ``ETPGRUCell`` / ``ETPLSTMCell`` in ``model`` back to
+    Equinox's (the inverse of :func:`from_eqx`).
 
     Examples
     --------
     >>> import jax, equinox as eqx, braintrace_eqx as bte
-    >>> lin = bte.to_eqx(bte.Linear(3, 4, key=jax.random.PRNGKey(0)))
+    >>> lin = bte.to_eqx(bte.ETPLinear(3, 4, key=jax.random.PRNGKey(0)))
     >>> isinstance(lin, eqx.nn.Linear)
     True
     """

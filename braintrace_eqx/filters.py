@@ -33,7 +33,7 @@ def trainable(model: Any) -> Any:
     """Filter spec of the arrays to train: ``eqx.is_inexact_array`` minus frozen fields.
 
     A module declares frozen fields with a class attribute
-    ``frozen_fields: ClassVar[tuple[str, ...]]`` (:class:`braintrace_eqx.LoRA` freezes
+    ``frozen_fields: ClassVar[tuple[str, ...]]`` (:class:`braintrace_eqx.ETPLoRA` freezes
     ``base_weight``). Use the spec wherever Equinox takes one::
 
         params = eqx.filter(model, braintrace_eqx.trainable(model))
@@ -56,7 +56,7 @@ def trainable(model: Any) -> Any:
     Examples
     --------
     >>> import jax, jax.numpy as jnp, equinox as eqx, braintrace_eqx as bte
-    >>> lora = bte.LoRA(3, 4, 2, base_weight=jnp.ones((4, 3)), key=jax.random.PRNGKey(0))
+    >>> lora = bte.ETPLoRA(3, 4, 2, base_weight=jnp.ones((4, 3)), key=jax.random.PRNGKey(0))
     >>> params = eqx.filter(lora, bte.trainable(lora))
     >>> params.base_weight is None, params.lora_a.shape
     (True, (3, 2))

@@ -1,4 +1,4 @@
-"""Equinox layers backed by braintrace's ETP ops: ``Linear``, ``LoRA``, ``Elemwise``.
+"""Equinox layers backed by braintrace's ETP ops: ``ETPLinear``, ``ETPLoRA``, ``ETPElemwise``.
 
 Each layer passes its trainable arrays *unchanged* to one ETP op, which is what
 lets the braintrace compiler give them an eligibility trace. Layers act on one
@@ -19,12 +19,12 @@ from jax import Array
 
 from braintrace import ops
 
-from ._util import check_input, floating, new_module, promote
+from ._util import check_input, floating, promote, rebuild
 
-__all__ = ["Linear", "LoRA", "Elemwise"]
+__all__ = ["ETPLinear", "ETPLoRA", "ETPElemwise"]
 
 
-class Linear(eqx.Module):
+class ETPLinear(eqx.Module):
     """Drop-in for :class:`equinox.nn.Linear` whose matmul is the ETP dense op.
 
     Same fields (``weight`` ``(out, in)``, ``bias`` ``(out,)`` or ``None``, static
@@ -48,7 +48,7 @@ class Linear(eqx.Module):
     --------
     >>> import jax, jax.numpy as jnp, equinox as eqx, braintrace_eqx as bte
     >>> key = jax.random.PRNGKey(0)
-    >>> lin = bte.Linear(3, 4, key=key)
+    >>> lin = bte.ETPLinear(3, 4, key=key)
     >>> ref = eqx.nn.Linear(3, 4, key=key)
     >>> bool(jnp.all(lin.weight == ref.weight)), lin(jnp.ones(3)).shape
     (True, (4,))
@@ -109,28 +109,38 @@ class Linear(eqx.Module):
         return y
 
     def _where(self) -> str:
-        return f"braintrace_eqx.Linear({self.in_features!r}, {self.out_features!r})"
+        return f"braintrace_eqx.ETPLinear({self.in_features!r}, {self.out_features!r})"
 
     @classmethod
-    def from_eqx(cls, linear: eqx.nn.Linear) -> Linear:
+    def from_eqx(cls, linear: eqx.nn.Linear) -> ETPLinear:
         """The ETP twin of an :class:`equinox.nn.Linear` (same arrays)."""
         if not isinstance(linear, eqx.nn.Linear):
             raise TypeError(
-                f"braintrace_eqx.Linear.from_eqx expects an equinox.nn.Linear, got "
+                f"braintrace_eqx.ETPLinear.from_eqx expects an equinox.nn.Linear, got "
                 f"{type(linear).__name__}."
             )
-        return new_module(cls, weight=linear.weight, bias=linear.bias,
-                          in_features=linear.in_features, out_features=linear.out_features,
-                          use_bias=linear.use_bias)
+        return rebuild(
+            cls,
+            linear,
+            linear.in_features,
+            linear.out_features,
+            linear.use_bias,
+            linear.weight.dtype,
+        )
 
     def to_eqx(self) -> eqx.nn.Linear:
         """The plain :class:`equinox.nn.Linear` with the same arrays."""
-        return new_module(eqx.nn.Linear, weight=self.weight, bias=self.bias,
-                          in_features=self.in_features, out_features=self.out_features,
-                          use_bias=self.use_bias)
+        return rebuild(
+            eqx.nn.Linear,
+            self,
+            self.in_features,
+            self.out_features,
+            self.use_bias,
+            self.weight.dtype,
+        )
 
 
-class LoRA(eqx.Module):
+class ETPLoRA(eqx.Module):
     """Low-rank adapted linear layer through the ETP LoRA op.
 
     ``y = base_weight @ x + scale * lora_b.T @ (lora_a.T @ x) + bias``, i.e. the
@@ -163,7 +173,7 @@ class LoRA(eqx.Module):
     Examples
     --------
     >>> import jax, jax.numpy as jnp, braintrace_eqx as bte
-    >>> lora = bte.LoRA(3, 4, 2, base_weight=jnp.ones((4, 3)), key=jax.random.PRNGKey(0))
+    >>> lora = bte.ETPLoRA(3, 4, 2, base_weight=jnp.ones((4, 3)), key=jax.random.PRNGKey(0))
     >>> lora(jnp.ones(3)).tolist()
     [3.0, 3.0, 3.0, 3.0]
     """
@@ -191,9 +201,12 @@ class LoRA(eqx.Module):
         dtype=None,
         key: Array,
     ):
-        where = f"braintrace_eqx.LoRA({in_features}, {out_features}, rank={rank})"
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("rank", rank)):
+        where = f"braintrace_eqx.ETPLoRA({in_features}, {out_features}, rank={rank})"
+        for name, value in (
+            ("in_features", in_features),
+            ("out_features", out_features),
+            ("rank", rank),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{where}: {name} must be a positive int, got {value!r}.")
         if base_weight is not None:
@@ -218,8 +231,9 @@ class LoRA(eqx.Module):
         self.rank = rank
 
     @classmethod
-    def from_linear(cls, linear: Linear | eqx.nn.Linear, rank: int, *, scale: float = 1.0,
-                    key: Array) -> LoRA:
+    def from_linear(
+        cls, linear: ETPLinear | eqx.nn.Linear, rank: int, *, scale: float = 1.0, key: Array
+    ) -> ETPLoRA:
         """Adapt a (trained) linear layer: its weight becomes the frozen base, its
         bias stays trainable.
 
@@ -227,19 +241,27 @@ class LoRA(eqx.Module):
         --------
         >>> import jax, jax.numpy as jnp, equinox as eqx, braintrace_eqx as bte
         >>> lin = eqx.nn.Linear(3, 4, key=jax.random.PRNGKey(0))
-        >>> lora = bte.LoRA.from_linear(lin, 2, key=jax.random.PRNGKey(1))
+        >>> lora = bte.ETPLoRA.from_linear(lin, 2, key=jax.random.PRNGKey(1))
         >>> bool(jnp.allclose(lora(jnp.ones(3)), lin(jnp.ones(3))))
         True
         """
-        if not isinstance(linear, (Linear, eqx.nn.Linear)) or "scalar" in (
-            linear.in_features, linear.out_features
+        if not isinstance(linear, (ETPLinear, eqx.nn.Linear)) or "scalar" in (
+            linear.in_features,
+            linear.out_features,
         ):
             raise TypeError(
-                "braintrace_eqx.LoRA.from_linear expects a (braintrace_eqx or equinox.nn) "
+                "braintrace_eqx.ETPLoRA.from_linear expects a (braintrace_eqx or equinox.nn) "
                 f"Linear with integer features, got {type(linear).__name__}."
             )
-        lora = cls(linear.in_features, linear.out_features, rank, scale=scale,
-                   use_bias=linear.use_bias, base_weight=linear.weight, key=key)
+        lora = cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            scale=scale,
+            use_bias=linear.use_bias,
+            base_weight=linear.weight,
+            key=key,
+        )
         if linear.bias is not None:
             lora = eqx.tree_at(lambda m: m.bias, lora, linear.bias)
         return lora
@@ -247,21 +269,20 @@ class LoRA(eqx.Module):
     def __call__(self, x: Array, *, key: Array | None = None) -> Array:
         """The adapted layer on ``x`` ``(in,)`` (or ``(batch, in)``)."""
         del key
-        where = f"braintrace_eqx.LoRA({self.in_features}, {self.out_features}, rank={self.rank})"
+        where = f"braintrace_eqx.ETPLoRA({self.in_features}, {self.out_features}, rank={self.rank})"
         check_input(where, "x", x, self.in_features)
         x = jnp.asarray(x).astype(self.lora_a.dtype)  # x is not trainable: cast it
         base = None
         if self.base_weight is not None:
             base = jax.lax.stop_gradient(self.base_weight).T.astype(self.lora_a.dtype)
-        return ops.lora(x, self.lora_a, self.lora_b, self.bias, scale=self.scale,
-                        base_weight=base)
+        return ops.lora(x, self.lora_a, self.lora_b, self.bias, scale=self.scale, base_weight=base)
 
 
 def _identity(w: Array) -> Array:
     return w
 
 
-class Elemwise(eqx.Module):
+class ETPElemwise(eqx.Module):
     """A trainable per-neuron parameter read through the ETP elementwise op.
 
     ``elem()`` (or calling the module) returns ``fn(weight)``; the op keeps
@@ -279,7 +300,7 @@ class Elemwise(eqx.Module):
     Examples
     --------
     >>> import jax, jax.numpy as jnp, braintrace_eqx as bte
-    >>> decay = bte.Elemwise(jnp.zeros(3), jax.nn.sigmoid)
+    >>> decay = bte.ETPElemwise(jnp.zeros(3), jax.nn.sigmoid)
     >>> decay.elem().tolist()
     [0.5, 0.5, 0.5]
     """
@@ -288,16 +309,16 @@ class Elemwise(eqx.Module):
     fn: Callable[[Array], Array] = eqx.field(static=True)
 
     def __init__(self, weight: Array, fn: Callable[[Array], Array] | None = None):
-        weight = floating("braintrace_eqx.Elemwise", "weight", weight)
+        weight = floating("braintrace_eqx.ETPElemwise", "weight", weight)
         fn = _identity if fn is None else fn
         if not callable(fn):
             raise TypeError(
-                f"braintrace_eqx.Elemwise: fn must be callable or None, got {type(fn).__name__}."
+                f"braintrace_eqx.ETPElemwise: fn must be callable or None, got {type(fn).__name__}."
             )
         out = jax.eval_shape(fn, jax.ShapeDtypeStruct(weight.shape, weight.dtype))
         if getattr(out, "shape", None) != weight.shape:
             raise ValueError(
-                f"braintrace_eqx.Elemwise: fn must be elementwise (output shape "
+                f"braintrace_eqx.ETPElemwise: fn must be elementwise (output shape "
                 f"{tuple(weight.shape)} like weight), got {getattr(out, 'shape', out)}."
             )
         self.weight = weight

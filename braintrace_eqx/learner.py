@@ -34,8 +34,16 @@ class Learner:
     non-trainable leaves), which is what ``optax`` and ``eqx.apply_updates`` take.
     """
 
-    def __init__(self, model: Any, loss_fn: Callable, algorithm: Algorithm, *,
-                 batched: bool = False, filter_spec: Any = trainable):
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Callable,
+        algorithm: Algorithm,
+        *,
+        batched: bool = True,
+        strict: bool = False,
+        filter_spec: Any = trainable,
+    ):
         if not callable(model):
             raise TypeError(
                 f"braintrace_eqx.compile: model must be callable as model(x, hidden) -> "
@@ -56,11 +64,16 @@ class Learner:
         self.loss_fn = loss_fn
         self.algorithm = algorithm
         self.batched = bool(batched)
+        self.strict = bool(strict)
         self.filter_spec = filter_spec
         self._structure = jax.tree_util.tree_structure(self.params(model))
+        self._template, _ = self._core(model, "compile")
 
     def __repr__(self) -> str:
-        return f"braintrace_eqx.Learner({self.algorithm!r}, batched={self.batched})"
+        return (
+            f"braintrace_eqx.Learner({self.algorithm!r}, batched={self.batched}, "
+            f"strict={self.strict})"
+        )
 
     # -- the model as a core step ----------------------------------------------------
     def _spec(self, model: Any) -> Any:
@@ -92,7 +105,10 @@ class Learner:
             return tuple(result)
 
         step = jax.vmap(per_sample, in_axes=(None, 0, 0)) if self.batched else per_sample
-        return bt.compile(step, self.loss_fn, self.algorithm, batched=self.batched), params
+        core = bt.compile(
+            step, self.loss_fn, self.algorithm, batched=self.batched, strict=self.strict
+        )
+        return core, params
 
     # -- the learner API ---------------------------------------------------------------
     def report(self, model: Any, hidden: Any, x: Any) -> CompileReport:
@@ -118,18 +134,37 @@ class Learner:
         core, params = self._core(model, "step")
         return core.step(params, state, x, target)
 
-    def scan(self, model: Any, state: LearnerState, xs: Any, targets: Any):
+    def scan(
+        self, model: Any, state: LearnerState, xs: Any, targets: Any, window: int | None = None
+    ):
         """Run over time-major ``xs``/``targets``: ``((losses, outs), grads, state)``.
 
-        ``grads`` is the sum of the per-step gradients (for ``bt.BPTT()`` the exact
-        gradient of the summed loss), shaped like ``learner.params(model)``.
+        ``grads`` is the sum of the gradients of consecutive windows of ``window``
+        steps (``braintrace.Learner.scan``; for ``bt.BPTT()`` the exact gradient of the
+        summed loss), shaped like ``learner.params(model)``.
         """
         core, params = self._core(model, "scan")
-        return core.scan(params, state, xs, targets)
+        return core.scan(params, state, xs, targets, window=window)
+
+    def window(self, model: Any, state: LearnerState, xs: Any, targets: Any):
+        """One window of ``len(xs)`` time-major steps (``braintrace.Learner.window``)."""
+        core, params = self._core(model, "window")
+        return core.window(params, state, xs, targets)
+
+    def reset(self, state: LearnerState, mask: Any = None, hidden: Any = None) -> LearnerState:
+        """Start new episodes: fresh hidden state, zero traces (``braintrace.Learner.reset``)."""
+        return self._template.reset(state, mask=mask, hidden=hidden)
 
 
-def compile(model: Any, loss_fn: Callable, algorithm: Algorithm, *,  # noqa: A001
-            batched: bool = False, filter_spec: Any = trainable) -> Learner:
+def compile(
+    model: Any,
+    loss_fn: Callable,
+    algorithm: Algorithm,
+    *,  # noqa: A001
+    batched: bool = True,
+    strict: bool = False,
+    filter_spec: Any = trainable,
+) -> Learner:
     """Compile an Equinox model and a loss into an online learner.
 
     Parameters
@@ -143,9 +178,12 @@ def compile(model: Any, loss_fn: Callable, algorithm: Algorithm, *,  # noqa: A00
     algorithm : braintrace.Algorithm
         ``bt.D_RTRL()``, ``bt.pp_prop(...)`` / ``bt.ES_D_RTRL(...)`` or ``bt.BPTT()``.
     batched : bool
-        ``True`` when ``x``, ``target`` and every ``hidden`` leaf carry a leading
-        batch axis: the learner vmaps the per-sample model, keeps a trace per sample
-        and averages the loss over the batch.
+        ``True`` (the default in every face) when ``x``, ``target`` and every
+        ``hidden`` leaf carry a leading batch axis: the learner vmaps the per-sample
+        model, keeps a trace per sample and averages the loss over the batch.
+        ``False`` for one unbatched sequence.
+    strict : bool
+        Raise instead of warning when a parameter's gradient would be truncated.
     filter_spec : PyTree[bool] or callable, optional
         Which leaves are trained: a filter spec, or a function ``model -> spec``.
         Default :func:`braintrace_eqx.trainable` (inexact arrays minus frozen fields).
@@ -158,15 +196,15 @@ def compile(model: Any, loss_fn: Callable, algorithm: Algorithm, *,  # noqa: A00
     --------
     >>> import jax, jax.numpy as jnp, equinox as eqx, braintrace as bt, braintrace_eqx as bte
     >>> class Model(eqx.Module):
-    ...     cell: bte.LIFCell
+    ...     cell: bte.ETPLIFCell
     ...     readout: eqx.nn.Linear
     ...     def __call__(self, x, hidden):
     ...         hidden = self.cell(x, hidden)
     ...         return hidden, self.readout(hidden[0])
     >>> k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    >>> model = Model(bte.LIFCell(3, 4, key=k1), eqx.nn.Linear(4, 2, key=k2))
+    >>> model = Model(bte.ETPLIFCell(3, 4, key=k1), eqx.nn.Linear(4, 2, key=k2))
     >>> mse = lambda out, y: jnp.sum((out - y) ** 2)
-    >>> learner = bte.compile(model, mse, bt.D_RTRL(), batched=True)
+    >>> learner = bte.compile(model, mse, bt.D_RTRL())
     >>> hidden = (jnp.zeros((5, 4)), jnp.zeros((5, 4)))
     >>> state = learner.init(model, hidden, jnp.zeros((5, 3)))
     >>> xs, ys = jnp.ones((7, 5, 3)), jnp.zeros((7, 5, 2))
@@ -174,4 +212,6 @@ def compile(model: Any, loss_fn: Callable, algorithm: Algorithm, *,  # noqa: A00
     >>> grads.cell.linear.weight.shape, losses.shape
     ((4, 3), (7,))
     """
-    return Learner(model, loss_fn, algorithm, batched=batched, filter_spec=filter_spec)
+    return Learner(
+        model, loss_fn, algorithm, batched=batched, strict=strict, filter_spec=filter_spec
+    )

@@ -1,24 +1,41 @@
-"""braintrace for Flax linen: ETP layers, online cells and the learner glue.
+"""braintrace for Flax: ETP layers, online cells and the learner glue, for linen and NNX.
+
+Linen (this module):
 
 - :class:`ETPDense`, :class:`ETPLoRA`, :class:`ETPElemwise`: linen layers whose
   parameters train by eligibility traces (``ETPDense`` is a drop-in for ``nn.Dense``).
-- :class:`LIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`: ready recurrent cells.
-- :func:`compile`: a linen module and a loss to ``braintrace``'s online learner;
-  ``convert_dense=True`` runs stock ``nn.Dense`` layers through ETP ops.
+- :class:`ETPLIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`: ready recurrent cells.
+- :func:`compile`: a linen module (or an ``nn.RNN``) and a loss to ``braintrace``'s
+  online learner; ``convert_dense=True`` runs stock ``nn.Dense`` layers through ETP ops.
+
+NNX: ``from braintrace_flax import nnx as btnnx`` (:mod:`braintrace_flax.nnx`).
+
+Every braintrace layer and cell carries the ``ETP`` prefix, in each face; ``LIFCell``,
+this package's first (documented) name for :class:`ETPLIFCell`, remains an alias.
 
 Examples
 --------
 >>> import jax, jax.numpy as jnp, braintrace as bt, braintrace_flax as btf
->>> cell = btf.LIFCell(4)
+>>> cell = btf.ETPLIFCell(4)
 >>> x = jnp.ones((2, 3), jnp.float32)
 >>> carry = cell.initialize_carry(jax.random.key(0), x.shape)
 >>> params = cell.init(jax.random.key(1), carry, x)['params']
 >>> learner = btf.compile(cell, lambda s, y: jnp.sum((s - y) ** 2), bt.D_RTRL())
->>> learner.report(params, carry, x).param("['tau_mem']['weight']").mode
+>>> learner.report(params, carry, x).param("['decay']['weight']").mode
 'trace'
 """
 
-from .cells import ETPGRUCell, ETPLSTMCell, ExpDecay, LIFCell, gru_forward, lstm_forward, spike
+from ._sequence import SequenceLearner
+from .cells import (
+    ETPGRUCell,
+    ETPLIFCell,
+    ETPLSTMCell,
+    ExpDecay,
+    LIFCell,
+    gru_forward,
+    lstm_forward,
+    spike,
+)
 from .convert import dense_interceptor, etp_dense_calls
 from .layers import FROZEN, ETPDense, ETPElemwise, ETPLoRA, dense_forward
 from .learner import compile, make_step
@@ -29,6 +46,7 @@ __all__ = [
     "ETPElemwise",
     "FROZEN",
     "dense_forward",
+    "ETPLIFCell",
     "LIFCell",
     "ETPGRUCell",
     "ETPLSTMCell",
@@ -40,4 +58,5 @@ __all__ = [
     "dense_interceptor",
     "compile",
     "make_step",
+    "SequenceLearner",
 ]

@@ -1,7 +1,7 @@
 """Ready linen cells built from ETP layers: ``carry, y = cell(carry, x)``.
 
-- :class:`LIFCell`: leaky integrate-and-fire neuron, two states (current, voltage),
-  trainable membrane time constant, surrogate-gradient spikes.
+- :class:`ETPLIFCell`: the leaky integrate-and-fire neuron of every braintrace face,
+  two states (voltage, current), trainable membrane decay, surrogate-gradient spikes.
 - :class:`ETPGRUCell`, :class:`ETPLSTMCell`: ``nn.GRUCell`` / ``nn.LSTMCell`` with
   every gate kernel behind an ETP dense op; same fields, parameters and outputs.
 """
@@ -22,7 +22,14 @@ from braintrace.surrogate import spike
 from .layers import ETPDense, ETPElemwise, autoname_like
 
 __all__ = [
-    "spike", "ExpDecay", "LIFCell", "ETPGRUCell", "ETPLSTMCell", "gru_forward", "lstm_forward",
+    "spike",
+    "ExpDecay",
+    "ETPLIFCell",
+    "LIFCell",
+    "ETPGRUCell",
+    "ETPLSTMCell",
+    "gru_forward",
+    "lstm_forward",
 ]
 
 Array = jax.Array
@@ -49,41 +56,39 @@ class ExpDecay:
         return jnp.exp(-self.dt / tau)
 
 
-class LIFCell(nn.RNNCellBase):
-    r"""Leaky integrate-and-fire cell with a trainable membrane time constant.
+class ETPLIFCell(nn.RNNCellBase):
+    r"""Leaky integrate-and-fire neurons with a trainable membrane decay.
 
-    Two states per neuron, the synaptic current ``i`` and the membrane voltage ``v``
-    (carry ``(i, v)``); the spike output uses :func:`spike`'s surrogate derivative::
+    The neuron of every braintrace face (NNX's :class:`braintrace_flax.nnx.ETPLIFCell`
+    and Equinox's :class:`braintrace_eqx.ETPLIFCell` compute the same equations with
+    the same parameters). Two states per neuron, the membrane voltage ``v`` and the
+    synaptic current ``i`` (carry ``(v, i)``); the output is the spike ``s_t``::
 
-        alpha = exp(-dt / tau_mem)                     (tau_mem trainable, per neuron)
-        beta  = exp(-dt / tau_syn)                     (fixed)
-        i_t   = beta * i_{t-1} + W x_t + b             (ETPDense 'input')
-        s_{t-1} = H(v_{t-1} - theta)
-        v_t   = alpha * (v_{t-1} - theta * s_{t-1}) + (1 - alpha) * i_t
-        y_t   = s_t = H(v_t - theta)
+        i_t = syn_decay * i_{t-1} + x_t @ W + b                    (ETPDense 'linear')
+        a   = sigmoid(decay.weight)                                 (ETPElemwise 'decay')
+        v_t = a * v_{t-1} * (1 - spike(v_{t-1} - threshold)) + (1 - a) * i_t
+        s_t = spike(v_t - threshold)
 
-    ``v_t`` reads this step's ``i_t`` (same-step coupling); reset is by subtraction.
-    With no recurrent weights it is in braintrace's exact class: D-RTRL's gradient
-    equals BPTT's. Parameters: ``input/kernel``, ``input/bias``, ``tau_mem/weight``.
+    ``spike`` is :func:`braintrace.spike` (surrogate sharpness ``slope``); the reset
+    (to zero) uses the previous step's spike. With no recurrent weights the cell is in
+    braintrace's exact class: D-RTRL's gradient equals BPTT's. Parameters:
+    ``linear/kernel (in, features)``, ``linear/bias``, ``decay/weight (features,)``
+    (the logit of the membrane decay).
 
     Attributes
     ----------
     features : int
         Number of neurons.
-    tau_mem : float
-        Initial membrane time constant, in units of ``dt`` (trainable; keep it > 0).
-    tau_syn : float
-        Synaptic time constant (fixed).
-    threshold : float
-        Firing threshold ``theta``.
-    dt : float
-        Time step.
+    mem_decay : float
+        Initial membrane decay ``a`` in (0, 1), the same for every neuron.
+    syn_decay : float
+        Fixed synaptic decay.
+    threshold, slope : float
+        Firing threshold and surrogate slope.
     use_bias : bool
         Bias on the input current.
     kernel_init, bias_init : initializer
-        For the input kernel and bias (``nn.Dense``'s defaults).
-    spike_fn : callable
-        Spike nonlinearity with a surrogate derivative.
+        For ``linear`` (``nn.Dense``'s defaults).
     dtype, param_dtype : dtype
         As ``nn.Dense``'s.
     carry_init : initializer
@@ -92,59 +97,72 @@ class LIFCell(nn.RNNCellBase):
     Examples
     --------
     >>> import jax, jax.numpy as jnp
-    >>> from braintrace_flax import LIFCell
-    >>> cell = LIFCell(4)
+    >>> from braintrace_flax import ETPLIFCell
+    >>> cell = ETPLIFCell(4)
     >>> x = jnp.ones((2, 3))
     >>> carry = cell.initialize_carry(jax.random.key(0), x.shape)
     >>> v = cell.init(jax.random.key(1), carry, x)
-    >>> (i, u), s = cell.apply(v, carry, x)
+    >>> (u, i), s = cell.apply(v, carry, x)
     >>> s.shape, sorted(v['params'])
-    ((2, 4), ['input', 'tau_mem'])
+    ((2, 4), ['decay', 'linear'])
     """
 
     features: int
-    tau_mem: float = 10.0
-    tau_syn: float = 5.0
+    mem_decay: float = 0.9
+    syn_decay: float = 0.8
     threshold: float = 1.0
-    dt: float = 1.0
+    slope: float = 4.0
     use_bias: bool = True
     kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
     bias_init: Callable[..., Array] = nn.initializers.zeros_init()
-    spike_fn: Callable[[Array], Array] = spike
     dtype: Any = None
     param_dtype: Any = jnp.float32
     carry_init: Callable[..., Array] = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], inputs: Array):
-        """One step: ``((i_t, v_t), s_t)``."""
-        i, v = carry
-        alpha = ETPElemwise(
-            (self.features,), nn.initializers.constant(self.tau_mem), ExpDecay(self.dt),
-            self.param_dtype, name="tau_mem",
-        )()
-        beta = math.exp(-self.dt / self.tau_syn)
+        """One step: ``((v_t, i_t), s_t)``."""
+        if not 0.0 < self.mem_decay < 1.0:
+            raise ValueError(f"ETPLIFCell: mem_decay must be in (0, 1), got {self.mem_decay!r}.")
+        v, i = carry
         drive = ETPDense(
-            self.features, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-            bias_init=self.bias_init, name="input",
+            self.features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            name="linear",
         )(inputs)
-        i = beta * i + drive
-        v = alpha * (v - self.threshold * self.spike_fn(v - self.threshold)) + (1.0 - alpha) * i
-        s = self.spike_fn(v - self.threshold)
-        return (i, v), s
+        logit = math.log(self.mem_decay / (1.0 - self.mem_decay))
+        a = ETPElemwise(
+            (self.features,),
+            nn.initializers.constant(logit),
+            jax.nn.sigmoid,
+            self.param_dtype,
+            name="decay",
+        )()
+        i = self.syn_decay * i + drive
+        v = a * v * (1.0 - spike(v - self.threshold, self.slope)) + (1.0 - a) * i
+        return (v, i), spike(v - self.threshold, self.slope)
 
     @nn.nowrap
     def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]):
-        """Zero current and voltage: ``(i, v)``, each ``input_shape[:-1] + (features,)``."""
+        """Zero voltage and current: ``(v, i)``, each ``input_shape[:-1] + (features,)``."""
         k1, k2 = jax.random.split(rng)
         shape = tuple(input_shape[:-1]) + (self.features,)
-        return (self.carry_init(k1, shape, self.param_dtype),
-                self.carry_init(k2, shape, self.param_dtype))
+        return (
+            self.carry_init(k1, shape, self.param_dtype),
+            self.carry_init(k2, shape, self.param_dtype),
+        )
 
     @property
     def num_feature_axes(self) -> int:
         return 1
+
+
+#: The first release's name of :class:`ETPLIFCell` (documented then), kept as an alias.
+LIFCell = ETPLIFCell
 
 
 def gru_forward(cell: nn.Module, carry: Array, inputs: Array):
@@ -153,8 +171,15 @@ def gru_forward(cell: nn.Module, carry: Array, inputs: Array):
     n = h.shape[-1]
 
     def dense(name, use_bias, kernel_init):
-        return ETPDense(n, use_bias=use_bias, dtype=cell.dtype, param_dtype=cell.param_dtype,
-                        kernel_init=kernel_init, bias_init=cell.bias_init, name=name)
+        return ETPDense(
+            n,
+            use_bias=use_bias,
+            dtype=cell.dtype,
+            param_dtype=cell.param_dtype,
+            kernel_init=kernel_init,
+            bias_init=cell.bias_init,
+            name=name,
+        )
 
     def dense_i(name):
         return dense(name, True, cell.kernel_init)(inputs)
@@ -179,11 +204,23 @@ def lstm_forward(cell: nn.Module, carry: tuple[Array, Array], inputs: Array):
     n = h.shape[-1]
 
     def gate(name):
-        x_part = ETPDense(n, use_bias=False, dtype=cell.dtype, param_dtype=cell.param_dtype,
-                          kernel_init=cell.kernel_init, name="i" + name)(inputs)
-        h_part = ETPDense(n, use_bias=True, dtype=cell.dtype, param_dtype=cell.param_dtype,
-                          kernel_init=cell.recurrent_kernel_init, bias_init=cell.bias_init,
-                          name="h" + name)(h)
+        x_part = ETPDense(
+            n,
+            use_bias=False,
+            dtype=cell.dtype,
+            param_dtype=cell.param_dtype,
+            kernel_init=cell.kernel_init,
+            name="i" + name,
+        )(inputs)
+        h_part = ETPDense(
+            n,
+            use_bias=True,
+            dtype=cell.dtype,
+            param_dtype=cell.param_dtype,
+            kernel_init=cell.recurrent_kernel_init,
+            bias_init=cell.bias_init,
+            name="h" + name,
+        )(h)
         return x_part + h_part
 
     i = cell.gate_fn(gate("i"))

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,27 +120,43 @@ def dense_forward(module: nn.Module, inputs: Array) -> Array:
     return y.reshape(lead + (module.features,))
 
 
+def _linen_internal(owner: Any, name: str, what: str) -> Any:
+    """``owner.name`` from linen's private state, or an error saying Flax changed it."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        raise RuntimeError(
+            f"braintrace_flax: this Flax version ({flax.__version__}) no longer has linen's "
+            f"{what} ({name!r}), which the ETP layers read to take the stock layer's "
+            "auto-name (Dense_0, GRUCell_0, ...) so checkpoints swap. Pass name=... to the "
+            "layer explicitly, or use a Flax version braintrace_flax supports (0.12)."
+        ) from None
+
+
 def autoname_like(module: nn.Module, prefix: str) -> None:
     """Give an unnamed submodule a stock layer's auto-name (``Dense_0``, ``Dense_1``, ...).
 
     Swapping ``nn.Dense`` for :class:`ETPDense` in a ``@compact`` model then keeps every
     parameter path, so checkpoints load either way. Call it first in ``__post_init__``.
-    Uses linen's naming cursor; when that is unavailable the default applies.
+    This is the one place that reads linen's private naming state (the module stack,
+    the parent's auto-name cursor); if a Flax release changes it, this raises a
+    ``RuntimeError`` that says so instead of silently renaming parameters.
     """
     if module.name is not None:
         return
     parent = module.parent
-    if parent is getattr(flax_module, "_unspecified_parent", object()):
-        stack = getattr(getattr(flax_module, "_context", None), "module_stack", None)
+    if parent is _linen_internal(flax_module, "_unspecified_parent", "parent sentinel"):
+        context = _linen_internal(flax_module, "_context", "module context")
+        stack = _linen_internal(context, "module_stack", "module stack")
         parent = stack[-1] if stack else None
     if not isinstance(parent, nn.Module):
-        return
-    state = getattr(parent, "_state", None)
-    cursor = getattr(state, "autoname_cursor", None)
-    if not isinstance(cursor, dict) or getattr(state, "in_setup", True):
-        return
-    if not getattr(parent, "_initialization_allowed", False):
-        return
+        return  # a top-level module: linen gives it no name either
+    state = _linen_internal(parent, "_state", "module state")
+    cursor = _linen_internal(state, "autoname_cursor", "auto-name cursor")
+    if _linen_internal(state, "in_setup", "setup flag"):
+        return  # named by the attribute it is assigned to, as stock layers are
+    if not _linen_internal(parent, "_initialization_allowed", "initialization flag"):
+        return  # linen itself raises the error for this misuse
     count = cursor.get(prefix, 0)
     object.__setattr__(module, "name", f"{prefix}_{count}")
     cursor[prefix] = count + 1

@@ -3,7 +3,8 @@
 The step the core sees is ``step(params, carry, x) = module.apply({'params': params,
 **constants}, carry, x, method=method) -> (carry, out)``; ``params`` is
 ``variables['params']`` and the gradients the learner returns have its structure, so
-an optax optimizer consumes them unchanged.
+an optax optimizer consumes them unchanged. For an ``nn.RNN`` the step is its cell's,
+on ``params['cell']``, and sequences keep the RNN's layout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import flax.linen as nn
 
 import braintrace as bt
 
+from ._sequence import SequenceLearner, check_rnn_options, time_axis
 from .convert import etp_dense_calls
 
 __all__ = ["compile", "make_step"]
@@ -57,7 +59,8 @@ def make_step(
     Parameters
     ----------
     module : flax.linen.Module
-        An unbound module whose ``method`` maps ``(carry, x)`` to ``(carry, out)``.
+        An unbound module whose ``method`` maps ``(carry, x)`` to ``(carry, out)``, or
+        an ``nn.RNN``: the step is then its cell's, on ``params['cell']``.
     convert_dense : bool
         Run every stock ``nn.Dense`` (and ``nn.OptimizedLSTMCell``) through ETP ops
         (see :func:`braintrace_flax.etp_dense_calls`).
@@ -87,6 +90,13 @@ def make_step(
     """
     _check_module(module, "braintrace_flax.make_step")
     extra = _constants(constants, "braintrace_flax.make_step")
+    if isinstance(module, nn.RNN):
+        if method is not None:
+            raise ValueError(
+                "braintrace_flax: an nn.RNN is trained through its cell's __call__; leave "
+                "method=None (or compile a module that calls the cell as you need)."
+            )
+        return _cell_step(module, convert_dense, extra)
 
     def step(params, carry, x):
         variables = {"params": params, **extra}
@@ -98,29 +108,48 @@ def make_step(
     return step
 
 
+def _cell_step(rnn: nn.RNN, convert_dense: bool, constants: dict) -> Callable:
+    """The step of an ``nn.RNN``'s cell on the RNN's ``params`` (the cell's are under 'cell')."""
+    check_rnn_options(rnn, "braintrace_flax.compile")
+    cell_constants = {k: v["cell"] for k, v in constants.items() if "cell" in v}
+    cell = make_step(
+        rnn.cell.clone(parent=None), convert_dense=convert_dense, constants=cell_constants
+    )
+
+    def step(params, carry, x):
+        return cell(params["cell"], carry, x)
+
+    return step
+
+
 def compile(  # noqa: A001 - mirrors braintrace.compile
     module: nn.Module,
     loss_fn: Callable,
     algorithm: bt.Algorithm,
     *,
     batched: bool = True,
+    strict: bool = False,
     convert_dense: bool = False,
     method: str | Callable | None = None,
     constants: Mapping | None = None,
-) -> bt.Learner:
+) -> bt.Learner | SequenceLearner:
     """Compile a linen recurrent module and a loss into an online learner.
 
     Parameters
     ----------
     module : flax.linen.Module
-        Unbound; ``module.apply({'params': params}, carry, x) -> (carry, out)``.
+        Unbound; ``module.apply({'params': params}, carry, x) -> (carry, out)``. Or an
+        ``nn.RNN``: its cell is trained, and ``scan``/``window`` take and return
+        sequences in the RNN's layout (batch-major unless ``time_major=True``).
     loss_fn : callable
         ``loss_fn(out, target) -> scalar`` for one sample.
     algorithm : braintrace.Algorithm
         ``braintrace.D_RTRL()``, ``braintrace.pp_prop(...)`` or ``braintrace.BPTT()``.
     batched : bool
-        ``True`` (Flax's convention): ``x``, every carry leaf and ``target`` have a
-        leading batch axis; the per-step loss is the batch mean of ``loss_fn``.
+        ``True`` (the default in every face): ``x``, every carry leaf and ``target``
+        have a leading batch axis; the per-step loss is the batch mean of ``loss_fn``.
+    strict : bool
+        Raise instead of warning when a parameter's gradient would be truncated.
     convert_dense : bool
         Reroute stock ``nn.Dense`` layers through the ETP dense op (same params), so
         ``nn.SimpleCell``, ``nn.GRUCell``, ``nn.LSTMCell``, ``nn.MGUCell`` and
@@ -135,8 +164,10 @@ def compile(  # noqa: A001 - mirrors braintrace.compile
     -------
     braintrace.Learner
         ``init(params, carry, x)``, ``step(params, state, x, target)``,
-        ``scan(params, state, xs, targets)`` and ``report(params, carry, x)``, with
-        ``params = variables['params']``; ``grads`` has ``params``' structure.
+        ``scan(params, state, xs, targets, window=None)``, ``window(...)``,
+        ``reset(state, ...)`` and ``report(params, carry, x)``, with
+        ``params = variables['params']``; ``grads`` has ``params``' structure. For an
+        ``nn.RNN``, a :class:`~braintrace_flax.SequenceLearner` around it.
 
     Examples
     --------
@@ -157,4 +188,7 @@ def compile(  # noqa: A001 - mirrors braintrace.compile
     >>> params = optax.apply_updates(params, updates)
     """
     step = make_step(module, convert_dense=convert_dense, method=method, constants=constants)
-    return bt.compile(step, loss_fn, algorithm, batched=batched)
+    learner = bt.compile(step, loss_fn, algorithm, batched=batched, strict=strict)
+    if isinstance(module, nn.RNN):
+        return SequenceLearner(learner, time_axis(module.time_major, batched))
+    return learner

@@ -51,7 +51,8 @@ in ``T``:
 - ``--algorithm pp_prop`` traces factorised into an input-side and an output-side
   part (memory ``I + O S`` instead of ``I O S`` per sample, ``S = 2`` states per
   neuron), with one global decay ``--pp-decay``: cheaper, approximate;
-- ``--algorithm bptt``    the reference: backprop through the stored trial.
+- ``--algorithm bptt``    the reference: backprop through the stored trial;
+- ``--algorithm one_step`` the control: each step's own gradient, no traces.
 
 Why one Adam update per trial batch (from ``scan``'s summed gradient) and not one
 per time step: the loss exists only in the decision window, so 60 of the 70 per-step
@@ -63,27 +64,25 @@ step, call ``learner.step`` and update every step instead (the README's quicksta
 
 What to expect
 --------------
-Measured with the defaults (seed 0, 2 CPU cores; ideal observer 91.9%, chance 50%):
-D-RTRL 90.0% test accuracy in ~50 s of training, BPTT 89.8% in ~10 s, pp_prop 77.8%
-in ~23 s. D-RTRL costs more time than BPTT per update on a CPU (it updates a
-``batch x 21 x 64 x 2`` trace every step) but its memory does not grow with ``T``.
+In the exact class, D-RTRL and BPTT reach the same accuracy; D-RTRL costs more time
+per update on a CPU (it updates a ``batch x 21 x 64 x 2`` trace every step) but its
+memory does not grow with ``T``. The README's examples table has the measured
+accuracies and times of every algorithm against the printed ideal observer.
 
-pp_prop falls clearly short on this task, for any ``--pp-decay`` we tried (0.5-0.97:
-77-81%). Its trace for ``W[k, i]`` is the *product* of an input filter with one
-global decay and an output filter, while the true trace filters input ``i`` through
-neuron ``k``'s own synapse *and* membrane. Here the credit a cue spike earns at the
-decision is how much of it neuron ``k``'s membrane still holds 20-70 steps later,
-which differs from neuron to neuron; the factorised trace gives every neuron the same
-input-side memory, so it mis-assigns that credit (most likely over-crediting fast
-neurons for old evidence). Its gradient's cosine to BPTT's is only ~0.85 for the input
-weights (1.0 for the decays, whose trace pp_prop keeps exact), and training drifts to
-a noisier solution (spike rate ~13% against ~3% for D-RTRL/BPTT, some neurons made
-fast). The JSON summary reports
-these cosines (``grad_cosine_vs_bptt_at_init``).
+pp_prop falls clearly short on this task, whatever its ``--pp-decay``. Its trace for
+``W[k, i]`` is the *product* of an input filter with one global decay and an output
+filter, while the true trace filters input ``i`` through neuron ``k``'s own synapse
+*and* membrane. Here the credit a cue spike earns at the decision is how much of it
+neuron ``k``'s membrane still holds 20-70 steps later, which differs from neuron to
+neuron; the factorised trace gives every neuron the same input-side memory, so it
+mis-assigns that credit. The JSON summary reports how far each algorithm's gradient
+is from BPTT's on the initial model (``grad_cosine_vs_bptt_at_init``, per leaf; the
+decays' trace pp_prop keeps exact), and the final spike rate and median time
+constant, which show pp_prop drifting to a noisier solution.
 
 Run
 ---
-``python examples/eqx_lif_snn.py``                 (D-RTRL, ~1 minute on 2 CPU cores)
+``python examples/eqx_lif_snn.py``                 (D-RTRL)
 ``python examples/eqx_lif_snn.py --compare``        (also BPTT, on the same plot)
 ``python examples/eqx_lif_snn.py --algorithm pp_prop --compare``
 ``python examples/eqx_lif_snn.py --quick``          (seconds-long smoke run)
@@ -94,9 +93,6 @@ stdout line is a JSON summary.
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import time
 
 import equinox as eqx
@@ -104,8 +100,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+import _common as common
 import braintrace as bt
 import braintrace_eqx as bte
 
@@ -127,7 +124,7 @@ def make_trials(n: int, args, rng: np.random.Generator):
     cue = rng.random((args.cue, n, 2, args.lines)) < rates[None, :, :, None]
     x = np.zeros((T, n, 2 * args.lines + 1), np.float32)
     x[: args.cue, :, :-1] = cue.reshape(args.cue, n, 2 * args.lines)
-    x[args.cue + args.delay:, :, -1] = 1.0  # the go cue: "answer now"
+    x[args.cue + args.delay :, :, -1] = 1.0  # the go cue: "answer now"
     return x, labels
 
 
@@ -147,8 +144,12 @@ def decision_targets(labels, args):
 
 
 def cross_entropy(logits, target):
-    """Loss of ONE sample at one step (the learner vmaps it and means over the batch)."""
-    return -jnp.sum(target * jax.nn.log_softmax(logits))
+    """Loss of ONE sample at one step (the learner vmaps it and means over the batch).
+
+    ``target`` is a one-hot label inside the decision window and zeros outside it,
+    where the loss is therefore zero.
+    """
+    return optax.softmax_cross_entropy(logits, target)
 
 
 # -- model --------------------------------------------------------------------------------
@@ -215,9 +216,11 @@ def gradient_cosines(model, algorithm, x, labels, args) -> dict:
         return eqx.filter_jit(learner.scan)(model, state, x, decision_targets(labels, args))[1]
 
     mine, ref = trial_grads(algorithm), trial_grads(bt.BPTT())
-    leaves = {"input_weight": lambda g: g.cell.linear.weight,
-              "input_bias": lambda g: g.cell.linear.bias,
-              "decay": lambda g: g.cell.decay.weight}
+    leaves = {
+        "input_weight": lambda g: g.cell.linear.weight,
+        "input_bias": lambda g: g.cell.linear.bias,
+        "decay": lambda g: g.cell.decay.weight,
+    }
     out = {}
     for name, get in leaves.items():
         a, b = jnp.ravel(get(mine)), jnp.ravel(get(ref))
@@ -249,27 +252,25 @@ def train(name: str, data, args, progress: tqdm) -> dict:
         updates, opt_state = optimizer.update(grads, opt_state, learner.params(model))
         # losses[t] is the batch-mean loss of step t (zero outside the decision window).
         loss = losses.sum() / args.decision
-        accuracy = jnp.mean(jnp.argmax(logits[-args.decision:].sum(0), -1) == labels)
+        accuracy = jnp.mean(jnp.argmax(logits[-args.decision :].sum(0), -1) == labels)
         return eqx.apply_updates(model, updates), opt_state, loss, accuracy
 
     rng = np.random.default_rng(args.seed + 1)  # the same batches for every algorithm
-    history = {"iteration": [], "loss": [], "train_acc": [], "eval_iteration": [],
-               "test_acc": [], "spike_rate": []}
+    history = {"loss": [], "batch_acc": [], "eval_at": [], "test_acc": [], "spike_rate": []}
     start = time.perf_counter()
     for it in range(1, args.iterations + 1):
         idx = rng.integers(0, x_train.shape[1], args.batch_size)
-        model, opt_state, loss, acc = update(model, opt_state, jnp.asarray(x_train[:, idx]),
-                                             jnp.asarray(y_train[idx]))
-        history["iteration"].append(it)
+        model, opt_state, loss, acc = update(
+            model, opt_state, jnp.asarray(x_train[:, idx]), jnp.asarray(y_train[idx])
+        )
         history["loss"].append(float(loss))
-        history["train_acc"].append(float(acc))
+        history["batch_acc"].append(float(acc))
         if it % args.eval_every == 0 or it == args.iterations:
             test_acc, rate = evaluate(model, x_test, y_test, args.decision)
-            history["eval_iteration"].append(it)
+            history["eval_at"].append(it)
             history["test_acc"].append(float(test_acc))
             history["spike_rate"].append(float(rate))
-            progress.set_postfix(alg=name, loss=f"{float(loss):.3f}",
-                                 test=f"{float(test_acc):.3f}")
+            progress.set_postfix(alg=name, loss=f"{float(loss):.3f}", test=f"{float(test_acc):.3f}")
         progress.update()
     history["seconds"] = round(time.perf_counter() - start, 1)
     history["tau_start"], history["tau_end"] = tau_start, time_constants(model)
@@ -279,53 +280,41 @@ def train(name: str, data, args, progress: tqdm) -> dict:
 # -- plotting -----------------------------------------------------------------------------
 
 
-def smooth(values, width: int) -> np.ndarray:
-    width = max(1, min(width, len(values)))
-    return np.convolve(values, np.ones(width) / width, mode="valid")
+def plot_time_constants(histories: dict):
+    """The third panel: membrane time constants before and after training."""
 
+    def draw(ax):
+        first = next(iter(histories.values()))
+        top = max(float(h["tau_end"].max()) for h in histories.values()) + 5
+        bins = np.linspace(0, top, 30)
+        ax.hist(first["tau_start"], bins=bins, alpha=0.4, color="grey", label="initial")
+        for name, h in histories.items():
+            ax.hist(h["tau_end"], bins=bins, histtype="step", lw=2, label=f"{name} (trained)")
+        ax.set(
+            xlabel="membrane time constant (steps)",
+            ylabel="neurons",
+            title="trainable time constants",
+        )
 
-def plot(histories: dict, ideal: float, path: pathlib.Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc, ax_tau) = plt.subplots(1, 3, figsize=(15, 4))
-    for name, h in histories.items():
-        width = max(1, len(h["loss"]) // 50)
-        ax_loss.plot(h["iteration"][width - 1:], smooth(h["loss"], width), label=name)
-        ax_acc.plot(h["eval_iteration"], h["test_acc"], marker=".", label=f"{name} (test)")
-    ax_loss.set(xlabel="update (one batch of trials)", ylabel="cross-entropy per decision step",
-                title="training loss (smoothed)")
-    ax_acc.axhline(CHANCE, color="grey", ls=":", label="chance")
-    ax_acc.axhline(ideal, color="black", ls="--", label="ideal observer")
-    ax_acc.set(xlabel="update", ylabel="accuracy", title="test accuracy", ylim=(0.4, 1.0))
-    first = next(iter(histories.values()))
-    bins = np.linspace(0, max(float(h["tau_end"].max()) for h in histories.values()) + 5, 30)
-    ax_tau.hist(first["tau_start"], bins=bins, alpha=0.4, color="grey", label="initial")
-    for name, h in histories.items():
-        ax_tau.hist(h["tau_end"], bins=bins, histtype="step", lw=2, label=f"{name} (trained)")
-    ax_tau.set(xlabel="membrane time constant (steps)", ylabel="neurons",
-               title="trainable time constants")
-    for ax in (ax_loss, ax_acc, ax_tau):
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return draw
 
 
 # -- command line -------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="d_rtrl",
-                   help="online algorithm (or the BPTT reference)")
-    p.add_argument("--compare", action="store_true",
-                   help="also train BPTT from the same init on the same batches")
+    p = common.argument_parser(__doc__)
+    p.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default="d_rtrl",
+        help="online algorithm (or the BPTT reference)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train BPTT from the same init on the same batches",
+    )
     p.add_argument("--pp-decay", type=float, default=0.9, help="pp_prop's trace decay")
     p.add_argument("--iterations", type=int, default=3000, help="Adam updates")
     p.add_argument("--batch-size", type=int, default=64, help="trials per update")
@@ -339,11 +328,11 @@ def parse_args(argv=None):
     p.add_argument("--train-trials", type=int, default=8192)
     p.add_argument("--test-trials", type=int, default=1024)
     p.add_argument("--eval-every", type=int, default=100, help="updates between test evals")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, init and batches")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("examples/out"),
-                   help="directory for the plot")
-    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests (seconds)")
-    p.add_argument("--verbose", action="store_true", help="print the compile report")
+    common.add_run_flags(
+        p,
+        quick_help="tiny run for smoke tests (seconds)",
+        verbose_help="print the compile report",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.iterations, args.batch_size, args.hidden = 20, 16, 16
@@ -362,19 +351,32 @@ def main(argv=None) -> dict:
 
     names = [args.algorithm] + (["bptt"] if args.compare and args.algorithm != "bptt" else [])
     histories = {}
-    with tqdm(total=len(names) * args.iterations, unit="update") as progress:
+    with common.progress(len(names) * args.iterations, unit="update") as progress:
         for name in names:
             histories[name] = train(name, data, args, progress)
 
     T = args.cue + args.delay + args.decision
     png = args.out / f"eqx_lif_snn_{'_vs_'.join(names)}.png"
-    plot(histories, ideal, png, f"Equinox LIF network, evidence accumulation (T={T}, "
-                                f"{args.hidden} neurons; chance {CHANCE:.0%}, "
-                                f"ideal observer {ideal:.1%})")
+    title = (
+        f"Equinox LIF network, evidence accumulation (T={T}, {args.hidden} neurons; "
+        f"chance {CHANCE:.0%}, ideal observer {ideal:.1%})"
+    )
+    common.plot_training(
+        histories,
+        png,
+        title,
+        chance=CHANCE,
+        ideal=ideal,
+        log_loss=False,
+        loss_label="cross-entropy per decision step",
+        extra=plot_time_constants(histories),
+    )
     for name, h in histories.items():
-        print(f"{name:8s} test accuracy {h['test_acc'][-1]:.3f} in {h['seconds']:.1f} s "
-              f"(spike rate {h['spike_rate'][-1]:.3f}/step, median tau "
-              f"{np.median(h['tau_end']):.1f} steps)")
+        print(
+            f"{name:8s} test accuracy {h['test_acc'][-1]:.3f} in {h['seconds']:.1f} s "
+            f"(spike rate {h['spike_rate'][-1]:.3f}/step, median tau "
+            f"{np.median(h['tau_end']):.1f} steps)"
+        )
     print(f"ideal observer {ideal:.3f}, chance {CHANCE:.3f}; plot: {png}")
 
     main_h = histories[args.algorithm]
@@ -400,12 +402,12 @@ def main(argv=None) -> dict:
         x0, y0 = jnp.asarray(x[:, :256]), jnp.asarray(y[:256])
         init = init_model(jax.random.PRNGKey(args.seed), x.shape[-1], args)
         summary["grad_cosine_vs_bptt_at_init"] = gradient_cosines(
-            init, bt.algorithm_by_name(args.algorithm, decay_or_rank=args.pp_decay), x0, y0, args)
+            init, bt.algorithm_by_name(args.algorithm, decay_or_rank=args.pp_decay), x0, y0, args
+        )
     if "bptt" in histories and args.algorithm != "bptt":
         summary["bptt_test_accuracy"] = histories["bptt"]["test_acc"][-1]
         summary["bptt_seconds"] = histories["bptt"]["seconds"]
-    print(json.dumps(summary))
-    return summary
+    return common.print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ kernel is ``W0 -> P W0`` with ``P`` the reversal. ``P - I`` has rank 4 (four swa
 pixel pairs), so a rank-4 adapter *can* represent it; the question is whether the
 online gradient finds it. The loss is on the last step but the rows arrive at every
 step, so most of the input kernels' credit flows through the recurrence: that is
-what the eligibility traces carry (with no traces, i.e. the one-step gradient, the
-same adaptation stalls a few points lower). Measured with the defaults (seeds 0-2):
-mirrored-digit test accuracy 0.28-0.30 before adaptation; after it D-RTRL 0.95-0.97,
-pp_prop 0.95-0.96, BPTT 0.97-0.98 (no traces: 0.92, seed 0). About 10 s in all.
+what the eligibility traces carry (``--algorithm one_step``, the one-step gradient
+with no traces, is the control). The README's examples table has the measured
+accuracies before and after adaptation.
 
 Because ``W0`` is never touched, dropping the adapters gives back the pretrained
 network exactly; the adapted network itself is specialised to the mirrored sensor
@@ -40,9 +39,6 @@ The last stdout line is a JSON summary.
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import time
 
 import flax.linen as nn
@@ -50,52 +46,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+import _common as common
 import braintrace as bt
 import braintrace_flax as btf
 
-NUM_CLASSES = 10
-SPLIT_SEED = 0  # one fixed train/test split: --seed changes init and shuffling only
+NUM_CLASSES = common.DIGIT_CLASSES
 
 
 # -- data ---------------------------------------------------------------------------------
 
 
-def load_rows():
-    """Digits as row sequences: ``x (N, 8, 8)`` in [0, 1] (image, row, pixel); 80/20 split."""
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32).reshape(-1, 8, 8)
-    return train_test_split(x, digits.target.astype(np.int32), test_size=0.2,
-                            random_state=SPLIT_SEED, stratify=digits.target)
-
-
 def mirror(x: np.ndarray) -> np.ndarray:
     """The shifted task: every row arrives left-right flipped."""
     return x[:, :, ::-1].copy()
-
-
-def time_major(x, y):
-    """Time-major inputs and a ``{"label", "weight"}`` target masked to the last step."""
-    xs = jnp.asarray(x.transpose(1, 0, 2))  # (T, B, 8)
-    t, b = xs.shape[:2]
-    weight = jnp.zeros((t, b), jnp.float32).at[-1].set(1.0)
-    return xs, {"label": jnp.broadcast_to(jnp.asarray(y), (t, b)), "weight": weight}
-
-
-def batches_per_epoch(n: int, batch_size: int, max_batches: int) -> int:
-    """Full mini-batches per epoch, capped by ``--max-batches`` (``--quick`` sets it)."""
-    return min(n // batch_size, max_batches) if max_batches else n // batch_size
-
-
-def minibatches(x, y, batch_size, max_batches, rng):
-    """Shuffled full mini-batches for one epoch (a fixed shape: jit compiles once)."""
-    order = rng.permutation(len(x))
-    for i in range(batches_per_epoch(len(x), batch_size, max_batches)):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        yield x[idx], y[idx]
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -117,8 +82,9 @@ class AdaptableGRU(nn.Module):
             return btf.ETPDense(features, use_bias=use_bias, name=name)
         # The base initializer only shapes the 'frozen' slot; the pretrained kernel
         # is written into it afterwards (see adapter_variables).
-        return btf.ETPLoRA(features, self.rank, use_bias=use_bias,
-                           base_kernel=nn.initializers.zeros, name=name)
+        return btf.ETPLoRA(
+            features, self.rank, use_bias=use_bias, base_kernel=nn.initializers.zeros, name=name
+        )
 
     @nn.compact
     def __call__(self, h, x):
@@ -145,20 +111,18 @@ def adapter_variables(pretrained: dict, fresh: dict) -> dict:
     return {"params": params, btf.FROZEN: frozen}
 
 
-def masked_cross_entropy(logits, target):
-    """Loss of ONE sample at one step; weight 0 everywhere but the last step."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, target["label"])
-    return target["weight"] * ce
-
-
 def low_rank_change(params: dict, frozen: dict) -> dict:
     """Per layer, ``|A @ B| / |W0|`` (Frobenius): how far the adapter moved the kernel.
 
     ETPLoRA's ``scale`` is left at 1, so the learned update is exactly ``A @ B``.
     """
-    return {layer: float(jnp.linalg.norm(p["lora_a"] @ p["lora_b"])
-                         / jnp.linalg.norm(frozen[layer]["base_kernel"]))
-            for layer, p in params.items()}
+    return {
+        layer: float(
+            jnp.linalg.norm(p["lora_a"] @ p["lora_b"])
+            / jnp.linalg.norm(frozen[layer]["base_kernel"])
+        )
+        for layer, p in params.items()
+    }
 
 
 def count(tree) -> int:
@@ -182,11 +146,25 @@ def accuracy_fn(model, hidden, constants=None):
     return accuracy
 
 
-def fit(learner, params, train, test, accuracy, *, epochs, lr, batch_size, max_batches,
-        seed, hidden, progress, label):
+def fit(
+    learner,
+    params,
+    train,
+    test,
+    accuracy,
+    *,
+    epochs,
+    lr,
+    batch_size,
+    max_batches,
+    seed,
+    hidden,
+    progress,
+    label,
+):
     """Adam on ``learner.scan``'s summed gradient, one update per mini-batch."""
     x_train, y_train = train
-    total_updates = epochs * batches_per_epoch(len(x_train), batch_size, max_batches)
+    total_updates = epochs * common.batches_per_epoch(len(x_train), batch_size, max_batches)
     opt = optax.adam(optax.cosine_decay_schedule(lr, total_updates))
     opt_state = opt.init(params)
     h0 = jnp.zeros((batch_size, hidden), jnp.float32)
@@ -198,54 +176,33 @@ def fit(learner, params, train, test, accuracy, *, epochs, lr, batch_size, max_b
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, losses.sum()
 
-    history = {"loss": [], "epoch": [0], "test_acc": [float(accuracy(params, *test))]}
+    history = {"loss": [], "eval_at": [0], "test_acc": [float(accuracy(params, *test))]}
     rng = np.random.default_rng(seed)
     progress.set_description(label)
     for epoch in range(1, epochs + 1):
-        for xb, yb in minibatches(x_train, y_train, batch_size, max_batches, rng):
-            params, opt_state, loss = update(params, opt_state, *time_major(xb, yb))
+        for idx in common.minibatches(len(x_train), batch_size, rng, max_batches):
+            xs, targets = common.last_step_targets(x_train[idx], y_train[idx])
+            params, opt_state, loss = update(params, opt_state, xs, targets)
             history["loss"].append(float(loss))
             progress.update()
-        history["epoch"].append(len(history["loss"]))
+        history["eval_at"].append(len(history["loss"]))
         history["test_acc"].append(float(accuracy(params, *test)))
         progress.set_postfix(epoch=epoch, test_acc=f"{history['test_acc'][-1]:.3f}")
     return params, history
 
 
-def plot(curves: dict, chance: float, path: pathlib.Path, title: str) -> None:
-    """Left: training loss per update; right: test accuracy per epoch, one line a run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, h in curves.items():
-        loss = np.asarray(h["loss"])
-        k = max(1, len(loss) // 40)  # light smoothing of the per-batch loss
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax_loss.plot(np.arange(len(smooth)) + k, smooth, label=name)
-        ax_acc.plot(h["epoch"], h["test_acc"], "o-", ms=3, label=name)
-    ax_acc.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
-    ax_loss.set(xlabel="update", ylabel="last-step cross-entropy", yscale="log",
-                title="training loss")
-    ax_acc.set(xlabel="update", ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
-    ax_loss.legend(fontsize=8)
-    ax_acc.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--algorithm", choices=("d_rtrl", "pp_prop"), default="d_rtrl",
-                   help="online algorithm for the adaptation (pretraining is always BPTT)")
-    p.add_argument("--compare", action="store_true",
-                   help="also adapt a copy with BPTT and plot both")
+    p = common.argument_parser(__doc__)
+    p.add_argument(
+        "--algorithm",
+        choices=("d_rtrl", "pp_prop", "one_step"),
+        default="d_rtrl",
+        help="online algorithm for the adaptation (pretraining is always BPTT; "
+        "one_step: the no-trace control)",
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="also adapt a copy with BPTT and plot both"
+    )
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--hidden", type=int, default=64, help="GRU units")
     p.add_argument("--pretrain-epochs", type=int, default=30)
@@ -255,12 +212,11 @@ def parse_args(argv=None):
     p.add_argument("--adapt-lr", type=float, default=1e-2, help="adaptation Adam peak rate")
     p.add_argument("--decay", type=float, default=0.9, help="pp_prop's trace decay")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out",
-                   help="directory for the PNG plot")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny model, 2 epochs of 3 batches per phase")
-    p.add_argument("--verbose", action="store_true", help="print the adapter's compile report")
+    common.add_run_flags(
+        p,
+        quick_help="smoke run: tiny model, 2 epochs of 3 batches per phase",
+        verbose_help="print the adapter's compile report",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_epochs, args.adapt_epochs, args.max_batches, args.hidden = 2, 2, 3, 16
@@ -270,81 +226,120 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    x_train, x_test, y_train, y_test = load_rows()
+    x_train, x_test, y_train, y_test = common.load_digit_sequences(chunk=8)  # one row a step
     original = ((x_train, y_train), (x_test, y_test))
     shifted = ((mirror(x_train), y_train), (mirror(x_test), y_test))
-    per_epoch = batches_per_epoch(len(x_train), args.batch_size, args.max_batches)
+    per_epoch = common.batches_per_epoch(len(x_train), args.batch_size, args.max_batches)
     runs = [args.algorithm] + (["bptt"] if args.compare else [])
-    common = dict(batch_size=args.batch_size, max_batches=args.max_batches, seed=args.seed,
-                  hidden=args.hidden)
+    shared = dict(
+        batch_size=args.batch_size, max_batches=args.max_batches, seed=args.seed, hidden=args.hidden
+    )
     h0 = jnp.zeros((args.batch_size, args.hidden), jnp.float32)
     x0 = jnp.zeros((args.batch_size, 8), jnp.float32)
     total = (args.pretrain_epochs + len(runs) * args.adapt_epochs) * per_epoch
 
-    with tqdm(total=total, unit="batch") as progress:
+    with common.progress(total) as progress:
         # 1. Pretrain every weight with exact BPTT on the original digits.
         base_model = AdaptableGRU(args.hidden)
         base_params = base_model.init(jax.random.key(args.seed), h0, x0)["params"]
         base_acc = accuracy_fn(base_model, args.hidden)
         base_params, pre_hist = fit(
-            btf.compile(base_model, masked_cross_entropy, bt.BPTT()), base_params,
-            *original, base_acc, epochs=args.pretrain_epochs, lr=args.lr,
-            progress=progress, label="pretrain (bptt)", **common)
+            btf.compile(base_model, common.last_step_cross_entropy, bt.BPTT()),
+            base_params,
+            *original,
+            base_acc,
+            epochs=args.pretrain_epochs,
+            lr=args.lr,
+            progress=progress,
+            label="pretrain (bptt)",
+            **shared,
+        )
 
         # 2. Rebuild the network with LoRA layers around the pretrained (frozen) kernels.
         lora_model = AdaptableGRU(args.hidden, rank=args.rank)
         fresh = lora_model.init(jax.random.key(args.seed + 1), h0, x0)
         variables = adapter_variables(base_params, fresh)
         lora_acc = accuracy_fn(lora_model, args.hidden, constants=variables)
-        before = {"original": float(base_acc(base_params, *original[1])),
-                  "shifted": float(base_acc(base_params, *shifted[1]))}
+        before = {
+            "original": float(base_acc(base_params, *original[1])),
+            "shifted": float(base_acc(base_params, *shifted[1])),
+        }
         # lora_b = 0: the adapted model starts as the pretrained one (same logits).
         x_probe = jnp.asarray(x_test[:, 0])
         np.testing.assert_allclose(
             lora_model.apply(variables, h0[:1], x_probe[:1])[1],
-            base_model.apply({"params": base_params}, h0[:1], x_probe[:1])[1], atol=1e-5)
+            base_model.apply({"params": base_params}, h0[:1], x_probe[:1])[1],
+            atol=1e-5,
+        )
 
         # 3. Adapt only the LoRA params online on the mirrored digits.
         curves, adapted, seconds = {"pretrain (bptt, original)": pre_hist}, {}, {}
         for name in runs:
             algorithm = bt.algorithm_by_name(name, decay_or_rank=args.decay)
-            learner = btf.compile(lora_model, masked_cross_entropy, algorithm,
-                                  constants=variables)
+            learner = btf.compile(
+                lora_model, common.last_step_cross_entropy, algorithm, constants=variables
+            )
             if args.verbose and name != "bptt":
                 tqdm.write(str(learner.report(variables["params"], h0, x0)))
             t0 = time.perf_counter()
             adapted[name], curves[f"adapt {name} (mirrored)"] = fit(
-                learner, variables["params"], *shifted, lora_acc, epochs=args.adapt_epochs,
-                lr=args.adapt_lr, progress=progress, label=f"adapt ({name})", **common)
+                learner,
+                variables["params"],
+                *shifted,
+                lora_acc,
+                epochs=args.adapt_epochs,
+                lr=args.adapt_lr,
+                progress=progress,
+                label=f"adapt ({name})",
+                **shared,
+            )
             seconds[name] = round(time.perf_counter() - t0, 1)
 
     # The base never moved: it is not in params, so no gradient or update reaches it.
     # The adapted network still runs on exactly the pretrained kernels...
     base_diff = max(
         float(jnp.max(jnp.abs(variables[btf.FROZEN][layer]["base_kernel"] - w["kernel"])))
-        for layer, w in base_params.items())
+        for layer, w in base_params.items()
+    )
     assert base_diff == 0.0, base_diff
     assert "base_kernel" not in str(jax.tree_util.tree_structure(adapted[args.algorithm]))
     # ...and what it learned sits in the low-rank updates A @ B.
     change = low_rank_change(adapted[args.algorithm], variables[btf.FROZEN])
 
-    after = {name: {"shifted": float(lora_acc(p, *shifted[1])),
-                    "original": float(lora_acc(p, *original[1]))}
-             for name, p in adapted.items()}
+    after = {
+        name: {
+            "shifted": float(lora_acc(p, *shifted[1])),
+            "original": float(lora_acc(p, *original[1])),
+        }
+        for name, p in adapted.items()
+    }
     png = args.out / f"flax_lora_adapt_{'_vs_'.join(runs)}.png"
-    plot(curves, 1 / NUM_CLASSES, png,
-         f"LoRA (rank {args.rank}) adaptation of a BPTT-pretrained GRU to mirrored digits")
+    common.plot_training(
+        curves,
+        png,
+        f"LoRA (rank {args.rank}) adaptation of a BPTT-pretrained GRU to mirrored digits",
+        chance=1 / NUM_CLASSES,
+        loss_label="last-step cross-entropy",
+    )
 
-    print(f"trainable parameters: pretraining {count(base_params)}, "
-          f"adaptation {count(variables['params'])} (LoRA rank {args.rank} + biases)")
+    print(
+        f"trainable parameters: pretraining {count(base_params)}, "
+        f"adaptation {count(variables['params'])} (LoRA rank {args.rank} + biases)"
+    )
     print(f"frozen base kernels: max |base - pretrained| = {base_diff} (untouched)")
-    print("low-rank update |A @ B| / |W0| per layer after adaptation: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in change.items()))
-    print(f"before adaptation: original test acc {before['original']:.3f}, "
-          f"mirrored {before['shifted']:.3f}")
+    print(
+        "low-rank update |A @ B| / |W0| per layer after adaptation: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in change.items())
+    )
+    print(
+        f"before adaptation: original test acc {before['original']:.3f}, "
+        f"mirrored {before['shifted']:.3f}"
+    )
     for name, acc in after.items():
-        print(f"after {name:7s} adaptation: mirrored test acc {acc['shifted']:.3f} "
-              f"(original {acc['original']:.3f}) in {seconds[name]:.1f} s")
+        print(
+            f"after {name:7s} adaptation: mirrored test acc {acc['shifted']:.3f} "
+            f"(original {acc['original']:.3f}) in {seconds[name]:.1f} s"
+        )
     print(f"plot: {png}")
     summary = {
         "example": "flax_lora_adapt",
@@ -366,8 +361,7 @@ def main(argv=None) -> dict:
     }
     if "bptt" in after:
         summary["bptt_test_accuracy"] = round(after["bptt"]["shifted"], 4)
-    print(json.dumps(summary))
-    return summary
+    return common.print_summary(summary)
 
 
 if __name__ == "__main__":

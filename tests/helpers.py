@@ -1,6 +1,10 @@
-"""Helpers shared by the op and primitive tests: jaxpr inspection and tolerances."""
+"""Helpers shared by the tests: jaxpr inspection, tolerances, loading an example script."""
 
 from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,3 +51,17 @@ def assert_close(got, exp, dtype):
         assert g.shape == e.shape
         assert g.dtype == np.dtype(dtype), (g.dtype, dtype)
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), **TOL[np.dtype(dtype)])
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a module (its folder on ``sys.path``, as when run)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up
+    spec.loader.exec_module(module)
+    return module

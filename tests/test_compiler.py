@@ -10,6 +10,7 @@ be zero, so the block form the compiler returns loses nothing for these models.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -21,7 +22,8 @@ from jax import lax
 import braintrace
 from braintrace import ops
 from braintrace.compiler import CompileError, compile_graph
-from models import (
+from braintrace.compiler.forward import forward
+from braintrace.testing.models import (
     N_IN,
     N,
     alif_step,
@@ -30,6 +32,7 @@ from models import (
     hidden_like,
     lif_params,
     lif_step,
+    mse,
     rnn_params,
     rnn_step,
     spike,
@@ -69,7 +72,7 @@ def pos_diag(jac, out_shape, in_shape):
     over the batch). Asserts every other entry is zero (the block form is exact).
     """
     out_shape, in_shape = tuple(out_shape), tuple(in_shape)
-    assert out_shape[len(out_shape) - len(in_shape):] == in_shape
+    assert out_shape[len(out_shape) - len(in_shape) :] == in_shape
     lead = int(np.prod(out_shape[: len(out_shape) - len(in_shape)], dtype=int))
     p = int(np.prod(in_shape, dtype=int))
     j = np.asarray(jac).reshape(lead, p, p)
@@ -85,8 +88,10 @@ def oracle_d(held, hs, ys):
     jac = jax.jacfwd(held, argnums=0)(hs, ys)
     s = len(hs)
     return np.stack(
-        [np.stack([pos_diag(jac[a][c], hs[a].shape, hs[c].shape) for c in range(s)], -1)
-         for a in range(s)],
+        [
+            np.stack([pos_diag(jac[a][c], hs[a].shape, hs[c].shape) for c in range(s)], -1)
+            for a in range(s)
+        ],
         -2,
     )
 
@@ -100,6 +105,14 @@ def oracle_dfs(held, hs, ys, jacobian=jax.jacfwd):
     }
 
 
+class Parts:
+    """One step's results and parts, read through ``forward`` (what the learner runs)."""
+
+    def __init__(self, graph, p, h, x):
+        self.new_hidden, self.out, parts = forward(graph, p, h, x)
+        self.xs, self.d, self.df = parts.xs, parts.d, parts.df
+
+
 def assert_tree_close(a, b, **kw):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -108,7 +121,7 @@ def assert_tree_close(a, b, **kw):
 
 def check_against_oracle(graph, step, p, h, x, held, hs, ys, xs, jacobian=jax.jacfwd):
     """``parts`` against the oracle; returns the parts."""
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     new_h, out = step(p, h, x)
     assert_tree_close(parts.new_hidden, new_h)
     assert_tree_close(parts.out, out)
@@ -176,9 +189,12 @@ def rnn_ys(p, h, x):
 
 def gru_ys(p, h, x):
     ys = {
-        "['wir']": x @ p["wir"] + p["br"], "['whr']": h @ p["whr"],
-        "['wiz']": x @ p["wiz"] + p["bz"], "['whz']": h @ p["whz"],
-        "['win']": x @ p["win"] + p["bn"], "['whn']": h @ p["whn"] + p["bhn"],
+        "['wir']": x @ p["wir"] + p["br"],
+        "['whr']": h @ p["whr"],
+        "['wiz']": x @ p["wiz"] + p["bz"],
+        "['whz']": h @ p["whz"],
+        "['win']": x @ p["win"] + p["bn"],
+        "['whn']": h @ p["whn"] + p["bhn"],
     }
     return ys, {k: (x if k.startswith("['wi") else h) for k in ys}
 
@@ -199,11 +215,19 @@ def _inputs(model, batched):
 MODELS = {
     # name: (held, ys, group leaf paths, op weight paths)
     "lif": (lif_held, lif_ys, ("hidden['i']", "hidden['v']"), ["['tau']", "['w']"]),
-    "alif": (alif_held, lif_ys, ("hidden['a']", "hidden['i']", "hidden['v']"),
-             ["['tau']", "['w']"]),
+    "alif": (
+        alif_held,
+        lif_ys,
+        ("hidden['a']", "hidden['i']", "hidden['v']"),
+        ["['tau']", "['w']"],
+    ),
     "rnn": (rnn_held, rnn_ys, ("hidden",), ["['wh']", "['wx']"]),
-    "gru": (gru_held, gru_ys, ("hidden",),
-            ["['whn']", "['whr']", "['whz']", "['win']", "['wir']", "['wiz']"]),
+    "gru": (
+        gru_held,
+        gru_ys,
+        ("hidden",),
+        ["['whn']", "['whr']", "['whz']", "['win']", "['wir']", "['wiz']"],
+    ),
 }
 
 
@@ -253,7 +277,7 @@ def test_evaluate_is_the_plain_step():
     graph = compile_graph(step, p, h, x, batched=True)
     assert_tree_close(graph.evaluate(p, h, x), step(p, h, x))
     with pytest.raises(CompileError, match="structure"):
-        graph.parts(p, {"i": h["i"], "v": h["v"]}, x)
+        Parts(graph, p, {"i": h["i"], "v": h["v"]}, x)
 
 
 # -- 2. groups and relations --------------------------------------------------------------
@@ -276,17 +300,25 @@ def two_layer_step(p, h, x):
 def two_layer_params(seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 3)
     return {
-        "l1": {"w": jax.random.normal(k[0], (N_IN, N)), "b": jnp.full((N,), 0.3),
-               "tau": jnp.linspace(-1.0, 1.0, N)},
-        "l2": {"w": jax.random.normal(k[1], (N, N)), "b": jnp.full((N,), 0.1),
-               "tau": jnp.linspace(0.5, -0.5, N)},
+        "l1": {
+            "w": jax.random.normal(k[0], (N_IN, N)),
+            "b": jnp.full((N,), 0.3),
+            "tau": jnp.linspace(-1.0, 1.0, N),
+        },
+        "l2": {
+            "w": jax.random.normal(k[1], (N, N)),
+            "b": jnp.full((N,), 0.1),
+            "tau": jnp.linspace(0.5, -0.5, N),
+        },
         "ro": jax.random.normal(k[2], (N, 2)),
     }
 
 
 def two_layer_hidden(lead=()):
-    return {"l1": hidden_like(["i", "v"], lead, seed=1),
-            "l2": hidden_like(["i", "v"], lead, seed=2)}
+    return {
+        "l1": hidden_like(["i", "v"], lead, seed=1),
+        "l2": hidden_like(["i", "v"], lead, seed=2),
+    }
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
@@ -300,9 +332,9 @@ def test_two_layer_groups_and_relations(batched):
     assert [g.paths for g in graph.groups] == [g1, g2]
     assert [g.leaves for g in graph.groups] == [(0, 1), (2, 3)]
     # layer 1's ops reach only layer 1: the path into layer 2 ends at its dense's input
-    assert relation_pairs(graph) == sorted([
-        ("['l1']['tau']", g1), ("['l1']['w']", g1), ("['l2']['tau']", g2), ("['l2']['w']", g2)
-    ])
+    assert relation_pairs(graph) == sorted(
+        [("['l1']['tau']", g1), ("['l1']['w']", g1), ("['l2']['tau']", g2), ("['l2']['w']", g2)]
+    )
     by_w = op_by_weight(graph)
     note = graph.report.ops[by_w["['l1']['w']"]].note
     l2_dense = by_w["['l2']['w']"]
@@ -326,10 +358,13 @@ def test_two_layer_groups_and_relations(batched):
 
     hs = (h["l1"]["i"], h["l1"]["v"], h["l2"]["i"], h["l2"]["v"])
     s1 = spike(graph.evaluate(p, h, x)[0]["l1"]["v"] - 0.5)
-    ys = {"['l1']['tau']": sig(p["l1"]["tau"]), "['l2']['tau']": sig(p["l2"]["tau"]),
-          "['l1']['w']": x @ p["l1"]["w"] + p["l1"]["b"],
-          "['l2']['w']": s1 @ p["l2"]["w"] + p["l2"]["b"]}
-    parts = graph.parts(p, h, x)
+    ys = {
+        "['l1']['tau']": sig(p["l1"]["tau"]),
+        "['l2']['tau']": sig(p["l2"]["tau"]),
+        "['l1']['w']": x @ p["l1"]["w"] + p["l1"]["b"],
+        "['l2']['w']": s1 @ p["l2"]["w"] + p["l2"]["b"],
+    }
+    parts = Parts(graph, p, h, x)
     np.testing.assert_array_equal(parts.xs[by_w["['l2']['w']"]], s1)
     jac = jax.jacfwd(held, argnums=0)(hs, ys)
     for a in (0, 1):  # no coupling between the layers once ETP outputs are held
@@ -360,14 +395,13 @@ def test_one_weight_at_two_call_sites():
     assert [(r.op, r.group) for r in graph.relations] == [(0, 0), (1, 1)]
     entry = graph.report.param("['w']")
     assert entry.mode == "trace" and entry.groups == (0, 1)
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     np.testing.assert_array_equal(parts.xs[0], x)
     np.testing.assert_array_equal(parts.xs[1], jnp.sin(x))
     np.testing.assert_array_equal(parts.d[0], 0.9)
     np.testing.assert_array_equal(parts.d[1], 0.5)
     np.testing.assert_array_equal(parts.df[0], 1.0)
     np.testing.assert_array_equal(parts.df[1], 1.0)
-    assert graph.report.drtrl_bytes_per_sample == 2 * N_IN * N * 1 * F8
 
 
 def test_readout_only_param_is_one_step_exact():
@@ -410,10 +444,11 @@ def test_reset_gate_reaching_h_only_through_an_op_input():
     ys, _ = gru_ys(p, h, x)
     r_gate = sig(ys["['wir']"] + ys["['whr']"])
     ys["['whn']"] = (r_gate * h) @ p["whn"] + p["bhn"]
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     np.testing.assert_allclose(parts.xs[by_w["['whn']"]], r_gate * h, rtol=1e-14)
-    np.testing.assert_allclose(parts.d[0][..., 0, 0], sig(ys["['wiz']"] + ys["['whz']"]),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        parts.d[0][..., 0, 0], sig(ys["['wiz']"] + ys["['whz']"]), rtol=1e-12
+    )
 
     def held(hs, ys):
         z = sig(ys["['wiz']"] + ys["['whz']"])
@@ -443,7 +478,7 @@ def test_plain_jnp_param_and_unused_param():
     assert any("dot_general" in d for d in rep.groups[0].dropped)
     assert "dot_general" in str(rep)
     new_h = step(p, h, x)[0]
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     np.testing.assert_allclose(parts.d[0][:, 0, 0], 0.5 * (1.0 - new_h**2), rtol=1e-12)
     np.testing.assert_allclose(parts.df[0][:, 0], 1.0 - new_h**2, rtol=1e-12)
 
@@ -463,16 +498,34 @@ def _layer_norm(y):
 
 
 def _small():
-    p = {"w": jnp.arange(N_IN * N, dtype=jnp.float64).reshape(N_IN, N) / 10.0,
-         "b": jnp.linspace(-1.0, 1.0, N)}
+    p = {
+        "w": jnp.arange(N_IN * N, dtype=jnp.float64).reshape(N_IN, N) / 10.0,
+        "b": jnp.linspace(-1.0, 1.0, N),
+    }
     return p, jnp.linspace(-1.0, 1.0, N), jnp.array([1.0, -2.0, 0.5])
 
 
-@pytest.mark.parametrize("mix, bad", [
-    (lambda y: jnp.roll(y, 1), ("concatenate", "slice")),
-    (lambda y: jnp.broadcast_to(y.sum(), y.shape), ("broadcast_in_dim", "reduce_sum")),
-    (lambda y: y[::-1], ("rev",)),
-], ids=["roll", "sum", "reverse"])
+@pytest.mark.parametrize(
+    "mix, where",
+    [(lambda y: jnp.roll(y, 1), (1, 2, 3, 0)), (lambda y: y[::-1], (3, 2, 1, 0))],
+    ids=["roll", "reverse"],
+)
+def test_a_permutation_of_the_output_is_an_index_map(mix, where):
+    """Element moves that keep one position per element are exact (index maps)."""
+    p, h, x = _small()
+    graph = compile_graph(_y_step(mix), p, h, x)
+    (relation,) = graph.relations
+    assert relation.index_map == where
+    assert graph.report.param("['w']").gradient == "exact"
+    parts = Parts(graph, p, h, x)
+    np.testing.assert_array_equal(parts.df[0][..., 0], 1.0)
+
+
+@pytest.mark.parametrize(
+    "mix, bad",
+    [(lambda y: jnp.broadcast_to(y.sum(), y.shape), ("broadcast_in_dim", "reduce_sum"))],
+    ids=["sum"],
+)
 def test_non_position_preserving_path_has_no_relation(mix, bad):
     p, h, x = _small()
     graph = compile_graph(_y_step(mix), p, h, x)
@@ -486,8 +539,7 @@ def test_non_position_preserving_path_has_no_relation(mix, bad):
         assert "not position-preserving" in rep.param(path).reason
     assert any("no ETP op reaches a hidden state" in w for w in rep.warnings)
     assert "no ETP op reaches a hidden state" in str(rep)
-    assert rep.drtrl_bytes_per_sample == 0
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     assert parts.df == ()
     np.testing.assert_array_equal(parts.d[0], 0.9)
 
@@ -503,7 +555,7 @@ def test_direct_path_kept_and_sum_path_dropped():
     (rel,) = graph.relations
     assert "reduce_sum" in rel.dropped
     assert "reduce_sum" in graph.report.ops[0].note and "drops" in graph.report.ops[0].note
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     np.testing.assert_array_equal(parts.d[0], 0.9)
     np.testing.assert_array_equal(parts.df[0], 1.0)
     # the full Jacobian is not position-diagonal: the dropped part is real
@@ -519,7 +571,7 @@ def test_layer_norm_keeps_only_the_direct_path():
     assert "D_f of group #0 drops paths through" in graph.report.ops[0].note
     y = x @ p["w"] + p["b"]
     std = jnp.sqrt(((y - y.mean()) ** 2).mean() + 1e-5)
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     # held mean and std: d/dy_k of (y_k - mu) / std = 1 / std
     np.testing.assert_allclose(parts.df[0][:, 0], 1.0 / std, rtol=1e-12)
     np.testing.assert_array_equal(parts.d[0], 0.9)
@@ -539,7 +591,7 @@ def test_integer_and_boolean_hidden_leaves_are_ignored():
     assert set(ignored) == {"hidden['count']", "hidden['flag']"}
     assert "int32" in ignored["hidden['count']"] and "bool" in ignored["hidden['flag']"]
     assert "hidden['count']" in str(graph.report)
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     np.testing.assert_array_equal(parts.d[0], 0.9)
     assert parts.new_hidden["count"] == 1
 
@@ -555,7 +607,7 @@ def test_model_without_etp_op_compiles_with_loud_warning():
     text = str(graph.report)
     assert "!! NO ETP OP FOUND" in text
     assert all(e.mode == "one-step" for e in graph.report.params)
-    parts = graph.parts(p, h, x)
+    parts = Parts(graph, p, h, x)
     new_h = step(p, h, x)[0]
     np.testing.assert_allclose(parts.d[0][:, 0, 0], 0.5 * (1.0 - new_h**2), rtol=1e-12)
 
@@ -576,9 +628,11 @@ def lif_with_jitted_helper(p, h, x):
     return {"i": i, "v": v}, out
 
 
-@pytest.mark.parametrize("step", [jax.jit(lif_step), lif_with_jitted_helper,
-                                  jax.checkpoint(lif_step)],
-                         ids=["jit-step", "jit-helper", "checkpoint"])
+@pytest.mark.parametrize(
+    "step",
+    [jax.jit(lif_step), lif_with_jitted_helper, jax.checkpoint(lif_step)],
+    ids=["jit-step", "jit-helper", "checkpoint"],
+)
 def test_jitted_steps_still_show_their_ops(step):
     _, p, h, x = _inputs("lif", False)
     graph = compile_graph(step, p, h, x)
@@ -631,8 +685,13 @@ def test_custom_vjp_surrogate_is_honoured(batched):
     hs = (h["i"], h["v"])
     parts = check_against_oracle(graph, step, p, h, x, held, hs, ys, xs, jacobian=jax.jacrev)
     jac = jax.jacrev(held, argnums=0)(hs, ys)  # reverse mode honours the custom_vjp
-    oracle = np.stack([np.stack([pos_diag(jac[a][c], hs[a].shape, hs[c].shape) for c in (0, 1)],
-                                -1) for a in (0, 1)], -2)
+    oracle = np.stack(
+        [
+            np.stack([pos_diag(jac[a][c], hs[a].shape, hs[c].shape) for c in (0, 1)], -1)
+            for a in (0, 1)
+        ],
+        -2,
+    )
     np.testing.assert_allclose(parts.d[0], oracle, rtol=1e-12)
     # the surrogate matters here: the Heaviside derivative would give tau alone
     tau = np.broadcast_to(sig(p["tau"]), oracle.shape[:-2])
@@ -661,7 +720,7 @@ def test_custom_vjp_with_a_nonlinear_bwd_is_refused_by_name():
     p, h, x = _small()
     graph = compile_graph(step, p, h, x)
     with pytest.raises(CompileError, match=r"custom_vjp function \(bwd rule '_clip_bwd'\).*linear"):
-        graph.parts(p, h, x)
+        Parts(graph, p, h, x)
 
 
 def test_where_select_and_cond_inside_a_step():
@@ -669,8 +728,7 @@ def test_where_select_and_cond_inside_a_step():
         y = ops.dense(x, p["w"], p["b"])
         a = jnp.where(h["a"] > 0, 0.9 * h["a"], 0.4 * h["a"]) + y
         b = lax.select(h["b"] > a, jnp.tanh(h["b"]), 0.3 * h["b"]) + 0.5 * a
-        c = lax.cond(x.sum() > 0, lambda u, w: 0.8 * u + w, lambda u, w: jnp.sin(u) - w,
-                     h["c"], a)
+        c = lax.cond(x.sum() > 0, lambda u, w: 0.8 * u + w, lambda u, w: jnp.sin(u) - w, h["c"], a)
         return {"a": a, "b": b, "c": c}, a + b + c
 
     def held_for(positive):
@@ -692,8 +750,7 @@ def test_where_select_and_cond_inside_a_step():
         (group,) = graph.groups
         assert group.paths == ("hidden['a']", "hidden['b']", "hidden['c']")
         ys = {"['w']": x @ p["w"] + p["b"]}
-        check_against_oracle(graph, step, p, h, x, held, (h["a"], h["b"], h["c"]), ys,
-                             {"['w']": x})
+        check_against_oracle(graph, step, p, h, x, held, (h["a"], h["b"], h["c"]), ys, {"['w']": x})
 
 
 def test_cond_cuts_only_the_operand_with_a_bad_path():
@@ -714,7 +771,7 @@ def test_cond_cuts_only_the_operand_with_a_bad_path():
     assert graph.report.groups[0].dropped == ()
     assert "only through cond" in graph.report.ops[0].note
     assert graph.report.param("['w']").mode == "one-step"
-    np.testing.assert_array_equal(graph.parts(p, h, x).d[0], 0.8)
+    np.testing.assert_array_equal(Parts(graph, p, h, x).d[0], 0.8)
 
 
 def test_loops_inside_a_step_are_refused():
@@ -770,19 +827,37 @@ def _dense_step(weight_of, **kw):
 CONST_W = jnp.ones((N_IN, N))
 
 
-@pytest.mark.parametrize("step, match", [
-    (_dense_step(lambda p, h: p["w"].T, weight_layout="out_in"),
-     r"ETP op #0 \(etp_mv\): params\['w'\] reaches its trainable input 'weight' through "
-     r"transpose"),
-    (_dense_step(lambda p, h: p["w"] * 2), r"params\['w'\] .*'weight' through mul"),
-    (_dense_step(lambda p, h: CONST_W), r"ETP op #0.*'weight' is a constant captured by the step"),
-    (_dense_step(lambda p, h: jnp.ones((N_IN, N)) * h.sum()),
-     r"ETP op #0.*'weight' is computed inside the step \(via .*mul"),
-], ids=["transpose", "mul", "closure-constant", "computed"])
+@pytest.mark.parametrize(
+    "step, match",
+    [
+        (
+            _dense_step(lambda p, h: p["w"].T, weight_layout="out_in"),
+            r"ETP op #0 \(etp_mv\): params\['w'\] reaches its trainable input 'weight' through "
+            r"transpose",
+        ),
+        (_dense_step(lambda p, h: p["w"] * 2), r"params\['w'\] .*'weight' through mul"),
+        (
+            _dense_step(lambda p, h: jnp.ones((N_IN, N)) * h.sum()),
+            r"ETP op #0.*'weight' is computed inside the step \(via .*mul",
+        ),
+    ],
+    ids=["transpose", "mul", "computed"],
+)
 def test_trainable_input_must_be_a_params_leaf(step, match):
     p, h, x = _small()
     with pytest.raises(CompileError, match=match):
         compile_graph(step, p, h, x)
+
+
+def test_an_op_with_constant_weights_is_a_frozen_layer():
+    """All trainables closed over: the op trains nothing and is evaluated like plain jnp."""
+    p, h, x = _small()
+    step = _dense_step(lambda p, h: CONST_W)
+    graph = compile_graph(step, p, h, x)
+    assert graph.ops == () and graph.relations == ()
+    np.testing.assert_allclose(graph.evaluate(p, h, x)[0], step(p, h, x)[0])
+    _, _, parts = forward(graph, p, h, x)  # the frozen op mixes positions: D is cut
+    np.testing.assert_array_equal(parts.d[0], 0.9)
 
 
 def test_cast_weight_and_hidden_weight_are_refused():
@@ -804,8 +879,11 @@ def test_bias_through_a_transform_names_the_bias():
         return 0.9 * h + ops.dense(x, p["w"], -p["b"]), h
 
     p, h, x = _small()
-    with pytest.raises(CompileError, match=r"params\['b'\] reaches its trainable input 'bias' "
-                                           r"through neg"):
+    with pytest.raises(
+        CompileError,
+        match=r"params\['b'\] reaches its trainable input 'bias' "
+        r"through neg",
+    ):
         compile_graph(step, p, h, x)
 
 
@@ -817,14 +895,22 @@ def _hstep(update):
     return step
 
 
-@pytest.mark.parametrize("step, match", [
-    (_hstep(lambda v: {"v": jnp.concatenate([v, v])}),
-     r"hidden\['v'\] changes across the step from float64\[4\] to float64\[8\]"),
-    (_hstep(lambda v: {"v": v.astype(jnp.float32)}),
-     r"hidden\['v'\] changes across the step from float64\[4\] to float32\[4\]"),
-    (_hstep(lambda v: {"v": v, "extra": v}), r"new_hidden has structure .* but hidden has"),
-    (_hstep(lambda v: [v]), r"new_hidden has structure"),
-], ids=["shape", "dtype", "extra-leaf", "list"])
+@pytest.mark.parametrize(
+    "step, match",
+    [
+        (
+            _hstep(lambda v: {"v": jnp.concatenate([v, v])}),
+            r"hidden\['v'\] changes across the step from float64\[4\] to float64\[8\]",
+        ),
+        (
+            _hstep(lambda v: {"v": v.astype(jnp.float32)}),
+            r"hidden\['v'\] changes across the step from float64\[4\] to float32\[4\]",
+        ),
+        (_hstep(lambda v: {"v": v, "extra": v}), r"new_hidden has structure .* but hidden has"),
+        (_hstep(lambda v: [v]), r"new_hidden has structure"),
+    ],
+    ids=["shape", "dtype", "extra-leaf", "list"],
+)
 def test_hidden_must_keep_structure_shape_and_dtype(step, match):
     p, h, x = _small()
     with pytest.raises(CompileError, match=match):
@@ -907,58 +993,79 @@ def test_report_lists_every_param_leaf_once(case):
     for e, leaf in zip(rep.params, jax.tree_util.tree_leaves(p)):
         assert e.shape == leaf.shape and e.dtype == str(leaf.dtype)
         assert e.mode in ("trace", "one-step", "none")
+        assert e.gradient in ("exact", "approximate", "truncated")
         assert (e.mode == "trace") == bool(e.groups)
-        assert e.mode == "trace" or e.reason
+        assert e.reason
+        # truncated exactly when it has no trace but reaches the hidden state
+        assert (e.gradient == "truncated") == (e.mode == "one-step" and "readout" not in e.reason)
     text = str(rep)
-    for path in keystrs(p):
-        assert len(re.findall(r"^  " + re.escape(path) + r"\s", text, re.M)) == 1
-    assert rep.drtrl_bytes_per_sample >= 0 and rep.pp_bytes_per_sample >= 0
+    for e in rep.params:
+        rows = re.findall(r"^  " + re.escape(e.path) + r"\s.*$", text, re.M)
+        assert len(rows) == 1
+        assert re.search(rf"\s{e.mode}\s+{e.gradient}\s", rows[0]), rows[0]
+    assert "trace memory" not in text  # the learner fills it in, the compiler does not
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+@pytest.mark.parametrize("model", ["lif", "alif", "rnn", "gru"])
+def test_report_modes_classes_and_groups(model, batched):
+    step, p, h, x = _inputs(model, batched)
+    rep = compile_graph(step, p, h, x, batched=batched).report
+    ro = rep.param("['ro']")
+    assert (ro.mode, ro.gradient) == ("one-step", "exact") and "readout" in ro.reason
+    traced = [e for e in rep.params if e.path != "['ro']"]
+    assert {e.mode for e in traced} == {"trace"}
+    if model in ("lif", "alif"):  # driven by external input only: the exact class
+        assert {e.gradient for e in traced} == {"exact"}
+    else:  # every parameter of a recurrent group, biases included, is approximate
+        assert {e.gradient for e in traced} == {"approximate"}
+        for e in traced:
+            if model == "rnn":
+                assert re.search(
+                    r"op #\d+ \(etp_m[mv]: params\['wh'\]\) reads group #0, "
+                    r"which it drives",
+                    e.reason,
+                ), e.reason
+            else:  # the three recurrent kernels, in one sentence
+                assert re.search(
+                    r"op #\d+ \(etp_m[mv]: params\['whr'\]\), op #\d+ .* and "
+                    r"op #\d+ \(etp_m[mv]: params\['whn'\], params\['bhn'\]\) "
+                    r"read group #0, which they drive",
+                    e.reason,
+                ), e.reason
+    (g,) = rep.groups
+    s = {"lif": 2, "alif": 3, "rnn": 1, "gru": 1}[model]
+    assert g.num_states == s and tuple(g.position_shape) == (N,)  # batch axis not a position
 
 
 def _expected_bytes(shape_of_trace_pieces):
     return sum(int(np.prod(s)) for s in shape_of_trace_pieces) * F8
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
-@pytest.mark.parametrize("model", ["lif", "alif", "rnn", "gru"])
-def test_report_modes_groups_and_memory(model, batched):
-    step, p, h, x = _inputs(model, batched)
-    rep = compile_graph(step, p, h, x, batched=batched).report
-    modes = {e.path: e.mode for e in rep.params}
-    assert modes.pop("['ro']") == "one-step"
-    assert set(modes.values()) == {"trace"}
-    (g,) = rep.groups
-    s = {"lif": 2, "alif": 3, "rnn": 1, "gru": 1}[model]
-    assert g.num_states == s and tuple(g.position_shape) == (N,)  # batch axis not a position
-    # Traces per sample from the rules' documented shapes:
-    #   dense D-RTRL {'weight': (in, out, S), 'bias': (out, S)}; pp_prop (out, S) + x (in,)
-    #   elementwise {'weight': (n, S)} for both
-    if model in ("lif", "alif"):
-        drtrl = [(N_IN, N, s), (N, s), (N, s)]
-        pp = [(N, s), (N_IN,), (N, s)]
-        assert rep.drtrl_bytes_per_sample == (N_IN * N + N + N) * s * F8
-    elif model == "rnn":
-        drtrl = [(N_IN, N, 1), (N, 1), (N, N, 1)]
-        pp = [(N, 1), (N_IN,), (N, 1), (N,)]
+def test_trace_memory_is_printed_only_when_a_learner_fills_it():
+    rep = compile_graph(*_report_cases()["lif"]).report
+    assert rep.trace_memory == () and "trace memory" not in str(rep)
+    filled = dataclasses.replace(rep, trace_memory=(("d_rtrl", 320), ("pp_prop", 3 * 1024)))
+    assert "trace memory per sample: d_rtrl 320 B, pp_prop 3.0 KiB" in str(filled)
+
+
+@pytest.mark.parametrize("model", ["lif", "gru"])
+def test_learner_report_carries_its_trace_memory(model):
+    """Trace bytes per sample from the rules' documented shapes:
+    dense D-RTRL {'weight': (in, out, S), 'bias': (out, S)}; pp_prop (out, S) + x (in,);
+    elementwise {'weight': (n, S)} for both."""
+    step, p, h, x = _inputs(model, True)
+    if model == "lif":
+        drtrl = [(N_IN, N, 2), (N, 2), (N, 2)]
+        pp = [(N, 2), (N_IN,), (N, 2)]
     else:
         drtrl = [(N_IN, N, 1), (N, 1)] * 3 + [(N, N, 1)] * 3 + [(N, 1)]  # + bhn
         pp = [(N, 1), (N_IN,)] * 3 + [(N, 1), (N,)] * 3
-    assert rep.drtrl_bytes_per_sample == _expected_bytes(drtrl) > 0
-    assert rep.pp_bytes_per_sample == _expected_bytes(pp) > 0
-    assert rep.pp_bytes_per_sample < rep.drtrl_bytes_per_sample
-    text = str(rep)
-    for n_bytes in (rep.drtrl_bytes_per_sample, rep.pp_bytes_per_sample):
-        assert f"{n_bytes} B" in text
-
-
-def test_report_two_layer_memory_and_groups():
-    rep = compile_graph(two_layer_step, two_layer_params(), two_layer_hidden(),
-                        jnp.ones(N_IN)).report
-    assert [(g.num_states, tuple(g.position_shape)) for g in rep.groups] == [(2, (N,))] * 2
-    drtrl = [(N, 2), (N_IN, N, 2), (N, 2)] + [(N, 2), (N, N, 2), (N, 2)]
-    pp = [(N, 2), (N, 2), (N_IN,)] + [(N, 2), (N, 2), (N,)]
-    assert rep.drtrl_bytes_per_sample == _expected_bytes(drtrl)
-    assert rep.pp_bytes_per_sample == _expected_bytes(pp)
+    for algorithm, pieces in ((braintrace.D_RTRL(), drtrl), (braintrace.pp_prop(0.5), pp)):
+        rep = braintrace.compile(step, mse, algorithm, batched=True).report(p, h, x)
+        ((_, n_bytes),) = rep.trace_memory
+        assert n_bytes == _expected_bytes(pieces) > 0
+        assert f"{n_bytes} B" in str(rep)
 
 
 # -- 6. a vmapped per-sample step ------------------------------------------------------------
@@ -971,26 +1078,27 @@ def test_vmapped_per_sample_step(model):
     graph_v = compile_graph(step_v, p, h, x, batched=True)
     sample = jax.tree_util.tree_map(lambda a: a[0], (h, x))
     graph_1 = compile_graph(step, p, *sample)
-    assert [op.primitive.name for op in graph_v.ops if op.x_index is not None] == \
-        [op.primitive.name.replace("_mv", "_mm") for op in graph_1.ops if op.x_index is not None]
+    assert [op.primitive.name for op in graph_v.ops if op.x_index is not None] == [
+        op.primitive.name.replace("_mv", "_mm") for op in graph_1.ops if op.x_index is not None
+    ]
     assert [g.paths for g in graph_v.groups] == [g.paths for g in graph_1.groups]
     assert [g.leaves for g in graph_v.groups] == [g.leaves for g in graph_1.groups]
     assert relation_pairs(graph_v) == relation_pairs(graph_1)
-    assert [(e.path, e.mode, e.groups) for e in graph_v.report.params] == \
-        [(e.path, e.mode, e.groups) for e in graph_1.report.params]
-    assert graph_v.report.drtrl_bytes_per_sample == graph_1.report.drtrl_bytes_per_sample
-    assert graph_v.report.pp_bytes_per_sample == graph_1.report.pp_bytes_per_sample
+    assert [(e.path, e.mode, e.gradient, e.groups) for e in graph_v.report.params] == [
+        (e.path, e.mode, e.gradient, e.groups) for e in graph_1.report.params
+    ]
 
-    parts_v = graph_v.parts(p, h, x)
+    parts_v = Parts(graph_v, p, h, x)
     rel_1 = {graph_1.ops[r.op].paths["weight"]: r.index for r in graph_1.relations}
     for b in range(B):
         hb, xb = jax.tree_util.tree_map(lambda a, b=b: a[b], (h, x))
-        parts_1 = graph_1.parts(p, hb, xb)
+        parts_1 = Parts(graph_1, p, hb, xb)
         np.testing.assert_allclose(parts_v.d[0][b], parts_1.d[0], rtol=1e-12, atol=1e-15)
         for r in graph_v.relations:
             j = rel_1[graph_v.ops[r.op].paths["weight"]]
-            np.testing.assert_allclose(parts_v.df[r.index][b], parts_1.df[j], rtol=1e-12,
-                                       atol=1e-15)
+            np.testing.assert_allclose(
+                parts_v.df[r.index][b], parts_1.df[j], rtol=1e-12, atol=1e-15
+            )
     # and the same as compiling the batched step directly
-    parts_b = compile_graph(step, p, h, x, batched=True).parts(p, h, x)
+    parts_b = Parts(compile_graph(step, p, h, x, batched=True), p, h, x)
     np.testing.assert_allclose(parts_v.d[0], parts_b.d[0], rtol=1e-12, atol=1e-15)

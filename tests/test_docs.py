@@ -10,9 +10,7 @@ import pytest
 
 import braintrace
 
-MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(braintrace.__path__, "braintrace.")
-)
+MODULES = sorted(info.name for info in pkgutil.walk_packages(braintrace.__path__, "braintrace."))
 
 
 @pytest.mark.parametrize("name", MODULES)

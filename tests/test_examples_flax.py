@@ -1,7 +1,9 @@
-"""The Flax examples run end to end (``--quick``: a few batches) and report JSON.
+"""The Flax examples: their flags and shared helpers (fast), and end-to-end runs (slow).
 
-Each example runs in a fresh interpreter, as a user would start it: float32
-defaults (this suite's x64 setting does not leak in), cwd at the repository root.
+The ``--quick`` runs start a fresh interpreter, as a user would: float32 defaults
+(this suite's x64 setting does not leak in), cwd at the repository root. They train
+for seconds each, so they are behind the ``slow`` marker; the Equinox example's quick
+run (tests/test_examples_eqx.py) is the one that stays in the default run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from helpers import EXAMPLES, load_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REQUIRED = {"example", "algorithm", "test_accuracy", "seconds", "chance"}
@@ -24,11 +28,42 @@ CASES = {
 
 
 @pytest.mark.parametrize("example", sorted(CASES))
+def test_example_flags(example):
+    args = load_example(example).parse_args(["--quick", "--algorithm", "pp_prop", "--seed", "3"])
+    assert args.quick and args.algorithm == "pp_prop" and args.seed == 3
+    assert args.max_batches == 3 and args.hidden == 16  # --quick shrinks the run
+    full = load_example(example).parse_args([])
+    assert full.max_batches == 0 and full.hidden > 16 and full.algorithm == "d_rtrl"
+
+
+def test_shared_helpers():
+    common = load_example("_common")
+    rng = np.random.default_rng(0)
+    batches = list(common.minibatches(10, 3, rng))
+    assert [len(b) for b in batches] == [3, 3, 3]  # full batches only
+    assert len(np.unique(np.concatenate(batches))) == 9  # no index twice in an epoch
+    assert len(list(common.minibatches(10, 3, rng, max_batches=2))) == 2
+    x = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)  # (B, T, C)
+    xs, targets = common.last_step_targets(x, np.array([7, 1]))
+    np.testing.assert_array_equal(np.asarray(xs[2]), x[:, 2])  # time-major
+    np.testing.assert_array_equal(np.asarray(targets["weight"]), [[0, 0], [0, 0], [0, 0], [1, 1]])
+    logits = np.zeros(10, np.float32)
+    loss = common.last_step_cross_entropy(logits, {"label": 3, "weight": 1.0})
+    np.testing.assert_allclose(float(loss), np.log(10.0), rtol=1e-6)  # uniform over 10
+    assert float(common.last_step_cross_entropy(logits, {"label": 3, "weight": 0.0})) == 0.0
+    # plot_training is exercised by the Equinox example's quick run.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", sorted(CASES))
 def test_example_quick_run_reports_json(example, tmp_path):
-    script = ROOT / "examples" / f"{example}.py"
+    script = EXAMPLES / f"{example}.py"
     result = subprocess.run(
         [sys.executable, str(script), *CASES[example], "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()

@@ -8,6 +8,7 @@ import doctest
 import importlib
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,9 @@ from jax import lax
 
 import braintrace as bt
 import braintrace_flax as btf
-from oracles import cosine, one_step_grad, rel_err
+from braintrace.testing.reference import cosine, one_step_grad
+from braintrace_flax.layers import autoname_like
+from oracles import rel_err
 
 F64 = jnp.float64
 B, T, N_IN, N = 3, 6, 3, 4
@@ -86,8 +89,10 @@ class Readout(nn.Module):
 
 def _data(seed, t=T, lead=(B,), n_in=N_IN, n_out=2):
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    return (jax.random.normal(k1, (t,) + lead + (n_in,), F64),
-            jax.random.normal(k2, (t,) + lead + (n_out,), F64))
+    return (
+        jax.random.normal(k1, (t,) + lead + (n_in,), F64),
+        jax.random.normal(k2, (t,) + lead + (n_out,), F64),
+    )
 
 
 # -- ETPDense: a drop-in for nn.Dense ---------------------------------------------------------
@@ -103,8 +108,10 @@ def test_etpdense_has_nn_dense_fields_in_order_with_defaults():
 DENSE_CONFIGS = {
     "default": {},
     "no_bias": {"use_bias": False},
-    "custom_inits": {"kernel_init": nn.initializers.normal(0.7),
-                     "bias_init": nn.initializers.uniform(0.3)},
+    "custom_inits": {
+        "kernel_init": nn.initializers.normal(0.7),
+        "bias_init": nn.initializers.uniform(0.3),
+    },
     "param_f64": {"param_dtype": F64},
     "param_bf16_compute_f32": {"param_dtype": jnp.bfloat16, "dtype": jnp.float32},
     "boxed": {
@@ -131,8 +138,10 @@ def test_etpdense_init_and_apply_equal_nn_dense(config, shape):
     assert y.shape == shape[:-1] + (5,) and y.dtype == y_ref.dtype
     np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(y_ref, np.float64))
     # A checkpoint of one loads into the other.
-    np.testing.assert_array_equal(np.asarray(ours.apply(v_stock, x), np.float64),
-                                  np.asarray(stock.apply(v_ours, x), np.float64))
+    np.testing.assert_array_equal(
+        np.asarray(ours.apply(v_stock, x), np.float64),
+        np.asarray(stock.apply(v_ours, x), np.float64),
+    )
 
 
 def test_etpdense_f64_any_leading_axes_match_closed_form():
@@ -141,7 +150,8 @@ def test_etpdense_f64_any_leading_axes_match_closed_form():
     y = btf.ETPDense(4, param_dtype=F64).apply(v, x)
     p = v["params"]
     closed = np.einsum("...i,ik->...k", np.asarray(x), np.asarray(p["kernel"])) + np.asarray(
-        p["bias"])
+        p["bias"]
+    )
     np.testing.assert_allclose(np.asarray(y), closed, rtol=1e-13, atol=1e-13)
 
 
@@ -151,8 +161,14 @@ def test_etpdense_f64_any_leading_axes_match_closed_form():
         (jnp.float64, {}),  # params f32, input f64: promotes to f64 like nn.Dense
         (jnp.float64, {"dtype": jnp.float32, "param_dtype": F64}),
         (jnp.int32, {}),  # integer input promotes to a float
-        (jnp.float32, {"promote_dtype": lambda *a, dtype=None: [
-            None if v is None else jnp.asarray(v, jnp.float64) for v in a]}),
+        (
+            jnp.float32,
+            {
+                "promote_dtype": lambda *a, dtype=None: [
+                    None if v is None else jnp.asarray(v, jnp.float64) for v in a
+                ]
+            },
+        ),
     ],
 )
 def test_etpdense_dtype_semantics_match_nn_dense(x_dtype, kwargs):
@@ -220,8 +236,9 @@ def test_etpdense_errors_name_the_layer():
         btf.ETPDense(4, dot_general_cls=object).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="at least one axis"):
         btf.ETPDense(4).init(jax.random.key(0), jnp.ones(()))
-    bad = lambda *a, dtype=None: [None if v is None else jnp.asarray(v, jnp.float16)
-                                  for v in a[:1]] + list(a[1:])
+    bad = lambda *a, dtype=None: (
+        [None if v is None else jnp.asarray(v, jnp.float16) for v in a[:1]] + list(a[1:])
+    )
     with pytest.raises(ValueError, match="mixed dtypes"):
         btf.ETPDense(4, promote_dtype=bad).init(jax.random.key(0), x)
 
@@ -240,15 +257,16 @@ def test_etpdense_autonames_like_dense_so_model_checkpoints_swap():
     v_stock = mlp(nn.Dense).init(jax.random.key(0), x)
     assert sorted(v_ours["params"]) == ["Dense_0", "Dense_1", "Dense_2"]
     assert_trees_identical(v_ours, v_stock)
-    np.testing.assert_allclose(mlp(btf.ETPDense).apply(v_stock, x),
-                               mlp(nn.Dense).apply(v_stock, x), rtol=1e-6)
+    np.testing.assert_allclose(
+        mlp(btf.ETPDense).apply(v_stock, x), mlp(nn.Dense).apply(v_stock, x), rtol=1e-6
+    )
 
 
 def test_tabulate_works_on_a_model_with_the_layers():
-    model = Readout(btf.LIFCell(N, param_dtype=F64))
+    model = Readout(btf.ETPLIFCell(N, param_dtype=F64))
     carry = model.cell.initialize_carry(jax.random.key(0), (B, N_IN))
     table = nn.tabulate(model, jax.random.key(1))(carry, jnp.ones((B, N_IN)))
-    for name in ("LIFCell", "ETPDense", "ETPElemwise", "tau_mem", "input", "readout"):
+    for name in ("ETPLIFCell", "ETPDense", "ETPElemwise", "decay", "linear", "readout"):
         assert name in table, name
 
 
@@ -275,8 +293,9 @@ def test_etpelemwise_returns_fn_of_weight_and_its_gradient():
 
 def test_etplora_params_frozen_base_and_closed_form():
     base_init = nn.initializers.normal(1.0)
-    layer = btf.ETPLoRA(N, 2, scale=0.5, base_kernel=base_init, param_dtype=F64,
-                        b_init=nn.initializers.normal(1.0))
+    layer = btf.ETPLoRA(
+        N, 2, scale=0.5, base_kernel=base_init, param_dtype=F64, b_init=nn.initializers.normal(1.0)
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, N_IN), F64)
     v = layer.init(jax.random.key(0), x)
     assert jax.tree_util.tree_map(jnp.shape, v) == {
@@ -310,10 +329,17 @@ class LoRALIF(nn.Module):
     @nn.compact
     def __call__(self, carry, x):
         i, v = carry
-        alpha = btf.ETPElemwise(N, nn.initializers.constant(3.0), btf.ExpDecay(1.0), F64,
-                                name="tau")()
-        drive = btf.ETPLoRA(N, 2, scale=0.7, base_kernel=nn.initializers.normal(1.0),
-                            b_init=nn.initializers.normal(0.5), param_dtype=F64)(x)
+        alpha = btf.ETPElemwise(
+            N, nn.initializers.constant(3.0), btf.ExpDecay(1.0), F64, name="tau"
+        )()
+        drive = btf.ETPLoRA(
+            N,
+            2,
+            scale=0.7,
+            base_kernel=nn.initializers.normal(1.0),
+            b_init=nn.initializers.normal(0.5),
+            param_dtype=F64,
+        )(x)
         i = 0.8 * i + drive
         v = alpha * (v - 0.5 * btf.spike(v - 0.5)) + (1 - alpha) * i
         return (i, v), nn.Dense(2, param_dtype=F64)(jnp.tanh(v) + btf.spike(v - 0.5))
@@ -321,7 +347,7 @@ class LoRALIF(nn.Module):
 
 def _lif_case(batched):
     lead = (B,) if batched else ()
-    model = Readout(btf.LIFCell(N, tau_mem=3.0, threshold=0.5, param_dtype=F64))
+    model = Readout(btf.ETPLIFCell(N, mem_decay=0.7, threshold=0.5, param_dtype=F64))
     k = jax.random.split(jax.random.PRNGKey(4), 2)
     carry = (jax.random.normal(k[0], lead + (N,), F64), jax.random.normal(k[1], lead + (N,), F64))
     xs, targets = _data(5, lead=lead)
@@ -335,21 +361,26 @@ def test_lif_drtrl_equals_bptt_through_flax(batched):
     model, params, carry, xs, targets = _lif_case(batched)
     learner = btf.compile(model, mse, bt.D_RTRL(), batched=batched)
     report = learner.report(params, carry, xs[0])
-    for path in ("['cell']['input']['kernel']", "['cell']['input']['bias']",
-                 "['cell']['tau_mem']['weight']"):
+    for path in (
+        "['cell']['linear']['kernel']",
+        "['cell']['linear']['bias']",
+        "['cell']['decay']['weight']",
+    ):
         assert report.param(path).mode == "trace", path
     assert report.groups[0].num_states == 2
     (losses, _), grads, state = run_learner(learner, params, carry, xs, targets)
     reference = bptt_grad(btf.make_step(model), params, carry, xs, targets, batched)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     assert max_rel_err(grads, reference) <= 1e-10
-    assert losses.shape == (T,) and int(state.count) == T
+    assert losses.shape == (T,) and bool(jnp.all(state.count == T))
     # Negative control: without the traces (one-step gradient) the check fails.
     truncated = one_step_grad(btf.make_step(model), mse, params, carry, xs, targets, batched)
-    assert rel_err(truncated["cell"]["input"]["kernel"],
-                   reference["cell"]["input"]["kernel"]) > 1e-3
-    assert rel_err(truncated["cell"]["tau_mem"]["weight"],
-                   reference["cell"]["tau_mem"]["weight"]) > 1e-3
+    assert (
+        rel_err(truncated["cell"]["linear"]["kernel"], reference["cell"]["linear"]["kernel"]) > 1e-3
+    )
+    assert (
+        rel_err(truncated["cell"]["decay"]["weight"], reference["cell"]["decay"]["weight"]) > 1e-3
+    )
 
 
 def test_lora_lif_drtrl_equals_bptt_with_a_frozen_base():
@@ -382,8 +413,10 @@ def test_lora_lif_drtrl_equals_bptt_with_a_frozen_base():
 #   LSTM d_rtrl 0.9967, pp_prop(0.9) 0.9427, one-step (no traces) 0.9197
 # Floors sit below the measurements.
 CONVERT_FLOORS = {
-    ("GRUCell", "d_rtrl"): 0.97, ("GRUCell", "pp_prop"): 0.84,
-    ("LSTMCell", "d_rtrl"): 0.98, ("LSTMCell", "pp_prop"): 0.90,
+    ("GRUCell", "d_rtrl"): 0.97,
+    ("GRUCell", "pp_prop"): 0.84,
+    ("LSTMCell", "d_rtrl"): 0.98,
+    ("LSTMCell", "pp_prop"): 0.90,
 }
 GATE_KERNELS = {
     "GRUCell": ("ir", "iz", "in", "hr", "hz", "hn"),
@@ -400,6 +433,7 @@ def _stock_case(cell_cls, seed=0, n_in=4, n=8, t=20, b=4):
     return model, params, carry, xs, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell_cls", [nn.GRUCell, nn.LSTMCell], ids=lambda c: c.__name__)
 def test_convert_dense_stock_cells_train_by_traces_close_to_bptt(cell_cls):
     name = cell_cls.__name__
@@ -453,25 +487,31 @@ def test_optimized_lstm_cell_is_rerouted_to_the_etp_lstm():
     expected = btf.make_step(model, convert_dense=True)
     eqns = lambda step: [e.primitive.name for e in jax.make_jaxpr(step)(params, carry, xs[0]).eqns]
     assert eqns(ours) == eqns(expected)
-    for a, b in zip(leaves(ours(params, carry, xs[0])), leaves(fused.apply(
-            {"params": params}, carry, xs[0]))):  # the stock fused forward pass
+    for a, b in zip(
+        leaves(ours(params, carry, xs[0])), leaves(fused.apply({"params": params}, carry, xs[0]))
+    ):  # the stock fused forward pass
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("pair", [(btf.ETPGRUCell, nn.GRUCell), (btf.ETPLSTMCell, nn.LSTMCell)],
-                         ids=lambda p: p[0].__name__)
+@pytest.mark.parametrize(
+    "pair",
+    [(btf.ETPGRUCell, nn.GRUCell), (btf.ETPLSTMCell, nn.LSTMCell)],
+    ids=lambda p: p[0].__name__,
+)
 def test_etp_cells_equal_stock_cells(pair):
     ours, stock = pair[0](N, param_dtype=F64), pair[1](N, param_dtype=F64)
     x = jax.random.normal(jax.random.PRNGKey(0), (B, N_IN), F64)
-    carry = jax.tree_util.tree_map(lambda a: a + 0.3, stock.initialize_carry(
-        jax.random.key(1), x.shape))
+    carry = jax.tree_util.tree_map(
+        lambda a: a + 0.3, stock.initialize_carry(jax.random.key(1), x.shape)
+    )
     v = stock.init(jax.random.key(2), carry, x)
     assert_trees_identical(ours.init(jax.random.key(2), carry, x), v)
     for a, b in zip(leaves(ours.apply(v, carry, x)), leaves(stock.apply(v, carry, x))):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
     jaxpr = jax.make_jaxpr(lambda v: ours.apply(v, carry, x))(v)
     assert sum(e.primitive.name == "etp_mm" for e in jaxpr.eqns) == len(
-        GATE_KERNELS[pair[1].__name__])
+        GATE_KERNELS[pair[1].__name__]
+    )
     # Inside a compact parent it takes the stock auto-name (checkpoints swap).
 
     class Parent(nn.Module):
@@ -479,8 +519,7 @@ def test_etp_cells_equal_stock_cells(pair):
         def __call__(self, carry, x):
             return pair[0](N, param_dtype=F64)(carry, x)
 
-    assert sorted(Parent().init(jax.random.key(2), carry, x)["params"]) == [
-        pair[1].__name__ + "_0"]
+    assert sorted(Parent().init(jax.random.key(2), carry, x)["params"]) == [pair[1].__name__ + "_0"]
 
 
 # -- an optax loop --------------------------------------------------------------------------
@@ -515,6 +554,124 @@ def test_optax_loop_lowers_the_loss(algo):
         params, opt_state, loss = update(params, opt_state)
         history.append(float(loss))
     assert history[-1] < 0.6 * history[0], history
+
+
+# -- whole-sequence modules: nn.RNN ---------------------------------------------------------
+
+
+def _rnn_case(time_major, cell=None, t=T):
+    cell = (
+        cell
+        if cell is not None
+        else btf.ETPLIFCell(N, mem_decay=0.7, threshold=0.5, param_dtype=F64)
+    )
+    rnn = nn.RNN(cell, time_major=time_major)
+    xs, targets = _data(8, t=t, lead=(B,), n_out=N)
+    xs = 2.0 * xs
+    if not time_major:  # the RNN's own layout: (batch, time, features)
+        xs, targets = xs.transpose(1, 0, 2), targets.transpose(1, 0, 2)
+    carry = cell.initialize_carry(jax.random.key(1), (B, N_IN))
+    carry = jax.tree_util.tree_map(lambda a: a + 0.3, carry)
+    params = rnn.init(jax.random.key(2), xs, initial_carry=carry)["params"]
+    return rnn, params, carry, xs, targets
+
+
+def _rnn_loss_grad(rnn, params, carry, xs, targets):
+    """The oracle: jax.grad of the summed per-step batch-mean loss of the RNN's own forward."""
+    t_axis = 0 if rnn.time_major else 1
+
+    def total(p):
+        outs = rnn.apply({"params": p}, xs, initial_carry=carry)
+        per_step = jax.vmap(jax.vmap(mse), in_axes=t_axis)(outs, targets)  # (T, B)
+        return per_step.mean(axis=1).sum()
+
+    return jax.grad(total)(params)
+
+
+@pytest.mark.parametrize(
+    "time_major",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # nn.RNN's default layout is fast
+    ids=["batch_major", "time_major"],
+)
+def test_rnn_scan_uses_the_rnn_layout_and_trains_its_cell_exactly(time_major):
+    rnn, params, carry, xs, targets = _rnn_case(time_major)
+    assert sorted(params) == ["cell"]
+    learner = btf.compile(rnn, mse, bt.D_RTRL())
+    x0 = xs[0] if time_major else xs[:, 0]
+    report = learner.report(params, carry, x0)
+    assert report.param("['cell']['linear']['kernel']").mode == "trace"
+    state = learner.init(params, carry, x0)
+    (losses, outs), grads, state = jax.jit(learner.scan)(params, state, xs, targets)
+    assert losses.shape == (T,)
+    # Outputs in the RNN's own layout, equal to the RNN's own forward pass.
+    expected = rnn.apply({"params": params}, xs, initial_carry=carry)
+    assert outs.shape == expected.shape == xs.shape[:-1] + (N,)
+    np.testing.assert_allclose(outs, expected, rtol=1e-12, atol=1e-12)
+    # An exact-class cell: D-RTRL equals jax.grad through the RNN's forward pass.
+    reference = _rnn_loss_grad(rnn, params, carry, xs, targets)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    assert max_rel_err(grads, reference) <= 1e-10
+    # window() speaks the same layout: one window over the whole sequence is BPTT.
+    (w_losses, w_outs), w_grads, _ = jax.jit(learner.window)(
+        params, learner.init(params, carry, x0), xs, targets
+    )
+    np.testing.assert_allclose(w_outs, expected, rtol=1e-12, atol=1e-12)
+    assert max_rel_err(w_grads, reference) <= 1e-10
+
+
+def test_rnn_of_a_stock_cell_with_convert_dense_matches_its_forward_pass():
+    rnn, params, carry, xs, targets = _rnn_case(False, cell=nn.GRUCell(N, param_dtype=F64))
+    learner = btf.compile(rnn, mse, bt.BPTT(), convert_dense=True)
+    state = learner.init(params, carry, xs[:, 0])
+    (_, outs), grads, _ = jax.jit(learner.scan)(params, state, xs, targets)
+    expected = rnn.apply({"params": params}, xs, initial_carry=carry)
+    np.testing.assert_allclose(outs, expected, rtol=1e-12, atol=1e-12)
+    reference = _rnn_loss_grad(rnn, params, carry, xs, targets)
+    assert max_rel_err(grads, reference) <= 1e-10
+
+
+def test_rnn_options_an_online_learner_cannot_follow_are_refused():
+    with pytest.raises(ValueError, match="reverse=True.*runs forwards"):
+        btf.compile(nn.RNN(nn.GRUCell(N), reverse=True), mse, bt.D_RTRL())
+
+
+def test_autoname_reads_linen_internals_in_one_place_and_says_when_flax_changes():
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return btf.ETPDense(2)(x)
+
+    x = jnp.ones((2, N_IN))
+    assert sorted(MLP().init(jax.random.key(0), x)["params"]) == ["Dense_0"]
+    # A Flax whose module state has no auto-name cursor: a clear error, not a silent rename.
+    parent = nn.Dense(3)
+    object.__setattr__(parent, "_state", types.SimpleNamespace(in_setup=False))
+    layer = types.SimpleNamespace(name=None, parent=parent)
+    with pytest.raises(RuntimeError, match="no longer has linen's auto-name cursor.*name="):
+        autoname_like(layer, "Dense")
+
+
+def test_learner_forwards_strict_window_and_reset():
+    model, params, carry, xs, targets = _lif_case(True)
+    learner = btf.compile(model, mse, bt.D_RTRL(), strict=True)  # exact class: no error
+    state = learner.init(params, carry, xs[0])
+    (_, _), g1, s1 = learner.scan(params, state, xs, targets, window=3)
+    reference = bptt_grad(btf.make_step(model), params, carry, xs, targets)
+    assert max_rel_err(g1, reference) <= 1e-10
+    fresh = learner.reset(s1)
+    assert bool(jnp.all(fresh.count == 0))
+    np.testing.assert_array_equal(fresh.hidden[0], jnp.zeros_like(carry[0]))
+
+    class Untraced(nn.Module):  # a stock Dense drives the state: truncated, so strict raises
+        @nn.compact
+        def __call__(self, h, x):
+            h = 0.5 * h + nn.Dense(N, param_dtype=F64)(x)
+            return h, h
+
+    h = jnp.zeros((B, N), F64)
+    p = Untraced().init(jax.random.key(0), h, xs[0])["params"]
+    with pytest.raises(bt.CompileError, match="strict=True"):
+        btf.compile(Untraced(), mse, bt.D_RTRL(), strict=True).init(p, h, xs[0])
 
 
 # -- the learner glue: errors and documentation ------------------------------------------
@@ -576,6 +733,8 @@ def test_docstring_examples_run(name):
 
 
 def test_core_does_not_import_flax_and_the_adapter_not_equinox():
-    code = ("import sys, braintrace; assert 'flax' not in sys.modules; "
-            "import braintrace_flax; assert 'equinox' not in sys.modules")
+    code = (
+        "import sys, braintrace; assert 'flax' not in sys.modules; "
+        "import braintrace_flax; assert 'equinox' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

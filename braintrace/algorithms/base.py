@@ -1,5 +1,12 @@
-"""What every online algorithm shares: the state, the learning signal per group,
-per-sample mapping and the bookkeeping from ops to parameter leaves."""
+"""What every learning algorithm is: its trace state, credit and update, and its window.
+
+An :class:`Algorithm` owns its behaviour. The learner asks it for zero traces
+(:meth:`~Algorithm.init_traces`), for the trace credit of a learning signal
+(:meth:`~Algorithm.credit`), for the traces after a step (:meth:`~Algorithm.update`)
+and for the window it runs a whole sequence in (:meth:`~Algorithm.window_length`).
+The base class is the algorithm with no traces at all; ``D_RTRL`` and ``pp_prop``
+override the trace methods, ``BPTT`` the window.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ..compiler.graph import ETPGraph, Relation
+from ..compiler.graph import ETPGraph, StepParts
 
-__all__ = ["LearnerState", "Algorithm", "OnlineAlgorithm"]
+__all__ = ["LearnerState", "Algorithm", "NoTraces", "OnlineAlgorithm"]
 
 
 class LearnerState(NamedTuple):
@@ -21,9 +29,12 @@ class LearnerState(NamedTuple):
     hidden : pytree
         The model's current hidden state ``h^t``.
     traces : pytree
-        The algorithm's eligibility traces (empty for BPTT).
+        The algorithm's eligibility traces (a ``NamedTuple`` of the algorithm's own;
+        :class:`NoTraces` for ``OneStep`` and ``BPTT``). With ``batched=True`` every
+        leaf has the leading batch axis: traces are kept per sample.
     count : Array
-        Number of trace updates so far (an ``int32`` scalar).
+        Trace updates so far, per sample: ``int32`` of shape ``(B,)`` when batched,
+        a scalar otherwise. :meth:`braintrace.Learner.reset` zeroes it per sample.
     """
 
     hidden: Any
@@ -31,82 +42,55 @@ class LearnerState(NamedTuple):
     count: jax.Array
 
 
-class Algorithm:
-    """Base class of the learning algorithms (``D_RTRL``, ``ES_D_RTRL``, ``BPTT``, ...).
+class NoTraces(NamedTuple):
+    """The trace state of an algorithm without traces (``OneStep``, ``BPTT``)."""
 
-    ``online``: whether ``learner.scan`` sums per-step gradients (memory O(1) in T)
-    rather than differentiating through the stored sequence.
+
+class Algorithm:
+    """Base class of the learning algorithms; on its own, the algorithm with no traces.
+
+    Every step's gradient is the exact one-step reverse pass plus, for trace-trained
+    parameters, :meth:`credit` (``docs/algorithms.md``, "The learning signal").
+    Subclasses that keep traces set ``traced = True`` and override
+    :meth:`init_traces`, :meth:`credit` and :meth:`update`.
     """
 
     name = "algorithm"
-    online = True
+    #: Whether the algorithm keeps eligibility traces (and so needs ``D``, ``D_f``).
+    traced = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def window_length(self, num_steps: int) -> int | None:
+        """Steps per window when ``learner.scan`` gets ``window=None``: ``None`` = one step."""
+        return None
 
-def stack_group(graph: ETPGraph, group: int, hidden_leaves: list) -> jax.Array:
-    """Stack a group's hidden leaves on a trailing state axis."""
-    return jnp.stack([hidden_leaves[i] for i in graph.groups[group].leaves], axis=-1)
+    def init_traces(self, graph: ETPGraph, param_leaves: list) -> Any:
+        """Zero traces for ``graph`` (per sample when the graph is batched)."""
+        return NoTraces()
 
+    def credit(self, graph: ETPGraph, param_leaves: list, traces, signals: dict, count) -> dict:
+        """``{params leaf index: <dL/dh^{t-1}, eps^{t-1}>}`` for the trace-trained leaves.
 
-def op_weights(graph: ETPGraph, op: int, param_leaves: list) -> dict:
-    """The rules' ``w``: the op's trainable inputs and its frozen operands, by name."""
-    info = graph.ops[op]
-    w = {name: param_leaves[leaf] for name, leaf in info.trainables.items()}
-    for name, (kind, value) in info.frozen.items():
-        w[name] = param_leaves[value] if kind == "param" else value
-    return w
+        ``signals[g]`` is ``dL/dh^{t-1}`` of group ``g`` on a trailing state axis.
+        """
+        return {}
 
+    def update(self, graph: ETPGraph, param_leaves: list, traces, parts: StepParts, count):
+        """The traces after a step: ``eps^t`` from ``eps^{t-1}`` and the step's parts."""
+        return traces
 
-def weight_structs(graph: ETPGraph, op: int, param_leaves: list) -> dict:
-    """Abstract trainable inputs of an op (the rules' ``weight_var``)."""
-    leaves = {name: param_leaves[leaf] for name, leaf in graph.ops[op].trainables.items()}
-    return {
-        name: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for name, a in leaves.items()
-    }
-
-
-def with_lead(graph: ETPGraph, relation: Relation, tree):
-    """Per-sample zeros ``tree`` given the relation's leading (batch) axis, if any."""
-    if not relation.lead:
-        return tree
-    size = graph.groups[relation.group].shape[0]
-    return jax.tree_util.tree_map(lambda a: jnp.zeros((size,) + a.shape, a.dtype), tree)
-
-
-def x_axis(graph: ETPGraph, relation: Relation, x) -> int | None:
-    """``vmap`` axis of an op's input: mapped only when the op itself is batched."""
-    return 0 if (x is not None and graph.ops[relation.op].batched) else None
+    def trace_bytes(self, graph: ETPGraph, param_leaves: list) -> int:
+        """Trace memory per sample, in bytes."""
+        shapes = jax.eval_shape(lambda: self.init_traces(graph, param_leaves))
+        total = sum(
+            int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+            for a in jax.tree_util.tree_leaves(shapes)
+        )
+        batch = graph.groups[0].shape[0] if graph.batched and graph.groups else 1
+        return total // batch
 
 
-def add_into(grads: dict, op_leaves: dict, dw: dict) -> None:
-    """Accumulate ``dw`` (by trainable name) into ``grads`` (by params leaf index)."""
-    for name, leaf in op_leaves.items():
-        value = dw[name]
-        grads[leaf] = grads[leaf] + value if leaf in grads else value
-
-
-def sum_lead(tree, relation: Relation):
-    """Sum a per-sample result over the relation's leading axis."""
-    if not relation.lead:
-        return tree
-    return jax.tree_util.tree_map(lambda a: a.sum(0), tree)
-
-
-class OnlineAlgorithm(Algorithm):
-    """An algorithm that carries eligibility traces forward in time.
-
-    Subclasses implement :meth:`init_traces`, :meth:`credit` and :meth:`update`.
-    """
-
-    def init_traces(self, graph: ETPGraph, params_leaves: list) -> Any:
-        raise NotImplementedError
-
-    def credit(self, graph, params_leaves, traces, signals, count) -> dict:
-        """``{params leaf index: <dl_t/dh^{t-1}, eps^{t-1}>}`` for trace-trained leaves."""
-        raise NotImplementedError
-
-    def update(self, graph, params_leaves, traces, parts, count) -> Any:
-        """Traces after this step: ``eps^t`` from ``eps^{t-1}`` and the step's parts."""
-        raise NotImplementedError
+#: Old name of the base of the trace-keeping algorithms (kept for imports).
+OnlineAlgorithm = Algorithm

@@ -1,4 +1,4 @@
-"""The references: BPTT (exact, memory O(T)) and the one-step gradient (no traces)."""
+"""The references: the one-step gradient with no traces, and BPTT (one window over everything)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,14 @@ from .base import Algorithm
 __all__ = ["BPTT", "OneStep"]
 
 
-class BPTT(Algorithm):
-    """Backpropagation through time, the exact reference.
-
-    ``learner.scan`` returns the exact gradient of the summed loss over the
-    sequence; ``learner.step`` returns the one-step-truncated gradient (the
-    reverse pass through one step, with ``h^{t-1}`` held fixed).
-
-    Examples
-    --------
-    >>> import braintrace as bt
-    >>> algo = bt.BPTT()
-    """
-
-    name = "bptt"
-    online = False
-
-
 class OneStep(Algorithm):
     """The one-step-truncated gradient with no traces: the control for what traces add.
 
     Every step returns only the reverse pass through that step (``h^{t-1}`` held
     fixed); ``learner.scan`` sums those, with memory independent of ``T``. Readouts
-    get their exact gradient, every recurrent parameter only its truncated one.
+    get their exact gradient, every recurrent parameter only its truncated one. With
+    ``learner.scan(..., window=k)`` it is truncated BPTT over windows of ``k`` steps
+    (TBPTT-k).
 
     Examples
     --------
@@ -38,3 +23,25 @@ class OneStep(Algorithm):
     """
 
     name = "one_step"
+
+
+class BPTT(Algorithm):
+    """Backpropagation through time, the exact reference.
+
+    BPTT keeps no traces; it runs a whole sequence as ONE window, so
+    ``learner.scan`` returns the exact gradient of the summed loss (memory O(T)).
+    ``learner.step`` returns the one-step-truncated gradient (the reverse pass
+    through one step, with ``h^{t-1}`` held fixed), and ``scan(..., window=k)``
+    plain BPTT over each window (truncated BPTT).
+
+    Examples
+    --------
+    >>> import braintrace as bt
+    >>> bt.BPTT().window_length(50)
+    50
+    """
+
+    name = "bptt"
+
+    def window_length(self, num_steps: int) -> int | None:
+        return num_steps

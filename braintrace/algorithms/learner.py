@@ -1,13 +1,15 @@
-"""The learner: one optax-like face over D-RTRL, pp_prop and BPTT.
+"""The learner: one optax-like face over D-RTRL, pp_prop, OneStep and BPTT.
 
-Per step it returns DESIGN.md 3.1's gradient for every ``params`` leaf:
-
-    G_t = dl_t/dparams |_(h^{t-1} fixed)                 (one reverse pass, exact)
-        + sum over relations <dl_t/dh^{t-1}, eps^{t-1}>   (trace credit for the past)
+Per step it returns, for every ``params`` leaf, the exact one-step reverse pass plus
+the trace credit ``<dl_t/dh^{t-1}, eps^{t-1}>`` for trace-trained leaves; a window of
+``k`` steps generalises it (``docs/algorithms.md``, "The learning signal" and
+"Windows").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -15,209 +17,239 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..compiler import CompileError, compile_graph
+from ..compiler.errors import TruncationWarning
 from ..compiler.report import CompileReport
-from .base import Algorithm, LearnerState, OnlineAlgorithm, stack_group
+from . import checks
+from .base import Algorithm, LearnerState
+from .engine import Problem, run_window
 
 __all__ = ["Learner", "compile"]
 
 _tree_map = jax.tree_util.tree_map
 
 
-def _is_float(a) -> bool:
-    return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
-
-
-def _split_float(tree):
-    """Flat leaves, the indices of the floating ones, and the treedef."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return leaves, [i for i, a in enumerate(leaves) if _is_float(a)], treedef
-
-
-def _with(leaves, idx, values):
-    out = list(leaves)
-    for i, v in zip(idx, values):
-        out[i] = v
-    return out
-
-
 class Learner:
     """A compiled online learner; create it with :func:`braintrace.compile`.
 
     Methods mirror an optax-style loop: :meth:`init` once, then :meth:`step` per
-    time step (or :meth:`scan` over a sequence). Every method is a pure function of
-    its arguments, so it can be ``jax.jit``-ed, ``jax.vmap``-ed and used inside the
-    caller's own ``lax.scan``. Jit it: an eager step runs op by op (about half a
-    second for a small GRU on CPU, against well under a millisecond jitted).
+    time step, :meth:`window` per chunk of steps, or :meth:`scan` over a sequence;
+    :meth:`reset` at episode boundaries. Every method is a pure function of its
+    arguments, so it can be ``jax.jit``-ed, ``jax.vmap``-ed and used inside the
+    caller's own ``lax.scan``. Jit it: an eager step runs op by op.
     """
 
-    def __init__(self, step_fn: Callable, loss_fn: Callable, algorithm: Algorithm, *,
-                 batched: bool = False):
-        if isinstance(algorithm, type) and issubclass(algorithm, Algorithm):
-            raise TypeError(
-                f"braintrace.compile: pass an algorithm instance, e.g. {algorithm.__name__}(), "
-                "not the class."
-            )
-        if not isinstance(algorithm, Algorithm):
-            raise TypeError(
-                "braintrace.compile: algorithm must be braintrace.D_RTRL(), "
-                "braintrace.ES_D_RTRL(...) / pp_prop(...), braintrace.BPTT() or "
-                f"braintrace.OneStep(); got {algorithm!r}."
-            )
+    def __init__(
+        self,
+        step_fn: Callable,
+        loss_fn: Callable,
+        algorithm: Algorithm,
+        *,
+        batched: bool = True,
+        strict: bool = False,
+    ):
+        checks.check_algorithm(algorithm, "braintrace.compile")
         if not callable(step_fn) or not callable(loss_fn):
             raise TypeError("braintrace.compile: step_fn and loss_fn must be callable.")
         self.step_fn = step_fn
         self.loss_fn = loss_fn
         self.algorithm = algorithm
         self.batched = bool(batched)
+        self.strict = bool(strict)
+        self._warned: set = set()
 
     def __repr__(self) -> str:
-        return f"Learner({self.algorithm!r}, batched={self.batched})"
+        return f"Learner({self.algorithm!r}, batched={self.batched}, strict={self.strict})"
 
     # -- compile-time views ------------------------------------------------------------
     def graph(self, params, hidden, x):
-        """The compiled eligibility-trace graph for these argument shapes."""
-        return compile_graph(self.step_fn, params, hidden, x, batched=self.batched)
+        """The compiled eligibility-trace graph for these argument shapes.
+
+        With ``strict=True`` a graph with truncated parameters raises
+        :class:`~braintrace.CompileError`.
+        """
+        graph = compile_graph(self.step_fn, params, hidden, x, batched=self.batched)
+        message = graph.report.truncation_message() if self.algorithm.traced else None
+        if message and self.strict:
+            raise CompileError(message + " (strict=True)")
+        return graph
 
     def report(self, params, hidden, x) -> CompileReport:
-        """The compile report: how every parameter is trained (print it)."""
-        return self.graph(params, hidden, x).report
+        """The compile report: how every parameter is trained, and why (print it)."""
+        graph = compile_graph(self.step_fn, params, hidden, x, batched=self.batched)
+        leaves = jax.tree_util.tree_leaves(params)
+        memory = ((self.algorithm.name, self.algorithm.trace_bytes(graph, leaves)),)
+        return dataclasses.replace(graph.report, trace_memory=memory)
 
     # -- state ----------------------------------------------------------------------------
     def init(self, params, hidden, x) -> LearnerState:
-        """Zero traces for ``hidden`` as the initial carry (``x``: one step's input)."""
-        if isinstance(self.algorithm, OnlineAlgorithm):
-            graph = self.graph(params, hidden, x)
-            traces = self.algorithm.init_traces(graph, jax.tree_util.tree_leaves(params))
-        else:
-            traces = ()
-        return LearnerState(hidden, traces, jnp.zeros((), jnp.int32))
+        """Zero traces for ``hidden`` as the initial carry (``x``: one step's input).
+
+        Warns once per learner and argument shapes (:class:`~braintrace.TruncationWarning`)
+        when some parameter's gradient is truncated, listing each and why.
+        """
+        checks.check_batch(self.batched, hidden, x, None, "init")
+        count = jnp.zeros(checks.batch_shape(self.batched, hidden), jnp.int32)
+        if not self.algorithm.traced:
+            return LearnerState(hidden, self.algorithm.init_traces(None, []), count)
+        graph = self.graph(params, hidden, x)
+        self._warn_once(graph, params, hidden, x)
+        traces = self.algorithm.init_traces(graph, jax.tree_util.tree_leaves(params))
+        return LearnerState(hidden, traces, count)
+
+    def _warn_once(self, graph, params, hidden, x) -> None:
+        message = graph.report.truncation_message()
+        key = checks.signature(params, hidden, x)
+        if message and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, TruncationWarning, stacklevel=3)
+
+    def reset(self, state: LearnerState, mask=None, hidden=None) -> LearnerState:
+        """Start new episodes: fresh hidden state, zero traces and counts, per sample.
+
+        Parameters
+        ----------
+        state : LearnerState
+        mask : bool array, optional
+            Which samples restart: shape ``(B,)`` when batched, a scalar otherwise;
+            ``None`` restarts all.
+        hidden : pytree, optional
+            The new hidden state, like ``state.hidden`` (default: zeros).
+
+        Returns
+        -------
+        LearnerState
+            Selected samples get ``hidden`` and zero traces and count, by selection
+            (``where``), so a NaN or Inf in their old state cannot leak into the new
+            one; the other samples are bit-identical to ``state``.
+        """
+        checks.check_state(state)
+        fresh = checks.fresh_state(state, hidden)
+        if mask is None:
+            return fresh
+        mask = checks.check_mask(self.batched, state, mask)
+
+        def pick(new, old):
+            return jnp.where(mask.reshape(mask.shape + (1,) * (old.ndim - mask.ndim)), new, old)
+
+        return _tree_map(pick, fresh, state)
 
     # -- the loss of one step -------------------------------------------------------------
     def _loss(self, out, target):
         if not self.batched:
             loss = self.loss_fn(out, target)
-            _check_scalar(loss, "loss_fn(out, target)")
+            checks.check_scalar(loss, "loss_fn(out, target)")
             return loss
-        sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None
-                 for a in jax.tree_util.tree_leaves((out, target))}
-        if len(sizes) != 1 or None in sizes:
-            raise ValueError(
-                "braintrace learner (batched=True): out and target must share one leading "
-                f"batch axis; got leading sizes {sorted(map(str, sizes))}. Pass a target with "
-                "the batch axis first."
-            )
+        checks.check_loss_batch(out, target)
         losses = jax.vmap(self.loss_fn)(out, target)
-        _check_scalar(losses, "loss_fn(out, target) for one sample", batched=True)
+        checks.check_scalar(losses, "loss_fn(out, target) for one sample", batched=True)
         return losses.mean()
 
-    # -- one step ---------------------------------------------------------------------------
+    def _problem(self, params, state, x) -> Problem:
+        graph = None
+        if self.algorithm.traced:
+            graph = self.graph(params, state.hidden, x)
+            checks.check_traces(self.algorithm, graph, params, state)
+        return Problem(self.step_fn, self._loss, self.algorithm, graph)
+
+    # -- stepping -------------------------------------------------------------------------
     def step(self, params, state: LearnerState, x, target):
         """One time step: ``((loss, out), grads, new_state)``.
 
         ``grads`` has the structure of ``params``: the exact one-step reverse pass
         plus, for trace-trained leaves, the credit ``<dl_t/dh^{t-1}, eps^{t-1}>``.
         """
-        _check_state(state)
-        p_leaves, p_float, p_def = _split_float(params)
-        h_leaves, h_float, h_def = _split_float(state.hidden)
+        checks.check_state(state)
+        checks.check_batch(self.batched, state.hidden, x, state.count, "step")
+        problem = self._problem(params, state, x)
+        return run_window(problem, params, state, x, target, single=True)
 
-        def loss_of(pf, hf):
-            p = jax.tree_util.tree_unflatten(p_def, _with(p_leaves, p_float, pf))
-            h = jax.tree_util.tree_unflatten(h_def, _with(h_leaves, h_float, hf))
-            result = self.step_fn(p, h, x)
-            if not isinstance(result, (tuple, list)) or len(result) != 2:
-                raise CompileError("the step must return (new_hidden, out).")
-            new_h, out = result
-            return self._loss(out, target), (new_h, out)
+    def window(self, params, state: LearnerState, xs, targets):
+        """One window of ``len(xs)`` steps: ``((losses, outs), grads, new_state)``.
 
-        pf = [p_leaves[i] for i in p_float]
-        hf = [h_leaves[i] for i in h_float]
-        loss, vjp_fn, (new_h, out) = jax.vjp(loss_of, pf, hf, has_aux=True)
-        g_pf, g_hf = vjp_fn(jnp.ones_like(loss))
-        grad_leaves = [jnp.zeros_like(a) for a in p_leaves]
-        grad_leaves = _with(grad_leaves, p_float, g_pf)
+        Exact inside the window (one reverse pass through its steps) plus the trace
+        credit ``<dL_W/dh^{t0-1}, eps^{t0-1}>`` for before it; the traces are then
+        advanced over the window. Call it on every chunk of a stream for online
+        learning with memory O(window), independent of the stream's length.
+        ``xs`` and ``targets`` are time-major.
+        """
+        checks.check_state(state)
+        checks.check_time_major(xs, targets)
+        x0 = _tree_map(lambda a: a[0], xs)
+        checks.check_batch(self.batched, state.hidden, x0, state.count, "window")
+        problem = self._problem(params, state, x0)
+        return run_window(problem, params, state, xs, targets, single=False)
 
-        traces = state.traces
-        if isinstance(self.algorithm, OnlineAlgorithm):
-            graph = self.graph(params, state.hidden, x)
-            signal_leaves = _with([None] * len(h_leaves), h_float, g_hf)
-            signals = {g: stack_group(graph, g, signal_leaves)
-                       for g in {r.group for r in graph.relations}}
-            credit = self.algorithm.credit(graph, p_leaves, traces, signals, state.count)
-            for leaf, value in credit.items():
-                grad_leaves[leaf] = grad_leaves[leaf] + value.astype(grad_leaves[leaf].dtype)
-            parts = graph.parts(params, state.hidden, x)
-            traces = self.algorithm.update(graph, p_leaves, traces, parts, state.count)
-        grads = jax.tree_util.tree_unflatten(p_def, grad_leaves)
-        return (loss, out), grads, LearnerState(new_h, traces, state.count + 1)
-
-    # -- a sequence -------------------------------------------------------------------------
-    def scan(self, params, state: LearnerState, xs, targets):
+    def scan(self, params, state: LearnerState, xs, targets, window: int | None = None):
         """Run over a time-major sequence: ``((losses, outs), grads, final_state)``.
 
-        For the online algorithms ``grads`` is the sum of the per-step gradients,
-        accumulated in the scan carry (memory independent of ``T``). For BPTT it is
-        the exact gradient of the summed loss.
+        ``grads`` is the sum of the gradients of consecutive windows of ``window``
+        steps (a shorter last window when it does not divide ``T``); ``window=None``
+        uses the algorithm's default: one step for the online algorithms and
+        ``OneStep``, the whole sequence for ``BPTT`` (the exact gradient of the
+        summed loss). Memory grows with the window, never with ``T``.
         """
-        _check_state(state)
-        _check_time_major(xs, targets)
-        if not self.algorithm.online:
-            return self._bptt_scan(params, state, xs, targets)
+        checks.check_state(state)
+        length = checks.check_time_major(xs, targets)
+        k = self.algorithm.window_length(length) if window is None else window
+        checks.check_window(k, length)
+        if k is None or k == 1:
+            return self._scan_windows(params, state, xs, targets, 1, single=True)
+        return self._scan_windows(params, state, xs, targets, k, single=False)
 
-        def body(carry, inputs):
-            st, acc = carry
-            (loss, out), grads, st = self.step(params, st, *inputs)
-            return (st, _tree_map(jnp.add, acc, grads)), (loss, out)
+    def _scan_windows(self, params, state, xs, targets, k: int, single: bool):
+        length = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        n_full, rest = divmod(length, k)
+        run = self.step if single else self.window
+        # Each window is read in place (slicing the sequence first would copy it). With
+        # a short last window the per-step outputs go straight into their final
+        # buffers (concatenating would copy them): memory stays O(window) besides them.
+        buffers = self._output_buffers(params, state, xs, targets) if rest else None
+
+        def body(carry, _):
+            index, st, acc, bufs = carry
+            start = index * k  # a counter, not an array of starts: that would be O(T)
+            chunk = _tree_map(lambda a: lax.dynamic_slice_in_dim(a, start, k), (xs, targets))
+            if single:
+                chunk = _tree_map(lambda a: a[0], chunk)
+            outputs, grads, st = run(params, st, *chunk)
+            if bufs is not None:
+                bufs, outputs = _write_at(bufs, outputs, start, single), None
+            return (index + 1, st, _tree_map(jnp.add, acc, grads), bufs), outputs
 
         zero = _tree_map(jnp.zeros_like, params)
-        (state, grads), (losses, outs) = lax.scan(body, (state, zero), (xs, targets))
-        return (losses, outs), grads, state
+        carry = (jnp.zeros((), jnp.int32), state, zero, buffers)
+        (_, state, grads, buffers), stacked = lax.scan(body, carry, None, length=n_full)
+        if not rest:
+            flat = (lambda a: a) if single else (lambda a: a.reshape((length,) + a.shape[2:]))
+            return _tree_map(flat, stacked), grads, state
+        tail = _tree_map(lambda a: a[n_full * k :], (xs, targets))
+        outputs, t_grads, state = self.window(params, state, *tail)
+        buffers = _write_at(buffers, outputs, n_full * k, False)
+        return buffers, _tree_map(jnp.add, grads, t_grads), state
 
-    def _bptt_scan(self, params, state, xs, targets):
-        def total(p):
-            def body(h, inputs):
-                x, target = inputs
-                new_h, out = self.step_fn(p, h, x)
-                return new_h, (self._loss(out, target), out)
-
-            h_final, (losses, outs) = lax.scan(body, state.hidden, (xs, targets))
-            return losses.sum(), (h_final, losses, outs)
-
-        (_, (h_final, losses, outs)), grads = jax.value_and_grad(total, has_aux=True)(params)
-        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-        return (losses, outs), grads, LearnerState(h_final, state.traces, state.count + n)
-
-
-def _check_scalar(value, what, batched=False):
-    shape = tuple(jnp.shape(value))
-    per_sample = shape[1:] if batched else shape
-    if per_sample != ():
-        raise ValueError(
-            f"braintrace learner: {what} must return a scalar, got shape {per_sample}. Reduce "
-            "the per-sample loss to a scalar (e.g. .sum() or .mean())."
-        )
+    def _output_buffers(self, params, state, xs, targets):
+        """Zeros for every step's ``(loss, out)`` over the whole sequence."""
+        first = _tree_map(lambda a: a[0], (xs, targets))
+        per_step = jax.eval_shape(lambda: self.step(params, state, *first)[0])
+        length = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        return _tree_map(lambda s: jnp.zeros((length,) + s.shape, s.dtype), per_step)
 
 
-def _check_state(state):
-    if not isinstance(state, LearnerState):
-        raise TypeError(
-            "braintrace learner: state must be the LearnerState returned by learner.init(...) "
-            f"or learner.step(...), got {type(state).__name__}."
-        )
+def _write_at(buffers, outputs, start, single: bool):
+    """``outputs`` (one step's, or a window's time-major) written into ``buffers`` at ``start``."""
+    if single:
+        outputs = _tree_map(lambda a: a[None], outputs)
+    return _tree_map(lambda b, v: lax.dynamic_update_slice_in_dim(b, v, start, 0), buffers, outputs)
 
 
-def _check_time_major(xs, targets):
-    lengths = {jnp.shape(a)[0] if jnp.ndim(a) else None
-               for a in jax.tree_util.tree_leaves((xs, targets))}
-    if len(lengths) != 1 or None in lengths:
-        raise ValueError(
-            "braintrace learner.scan: xs and targets must be time-major with one shared "
-            f"leading time axis; got leading sizes {sorted(map(str, lengths))}."
-        )
-
-
-def compile(step_fn: Callable, loss_fn: Callable, algorithm: Algorithm, *,  # noqa: A001
-            batched: bool = False) -> Learner:
+def compile(
+    step_fn: Callable,
+    loss_fn: Callable,
+    algorithm: Algorithm,
+    *,  # noqa: A001
+    batched: bool = True,
+    strict: bool = False,
+) -> Learner:
     """Compile a step function and a loss into an online learner.
 
     Parameters
@@ -227,11 +259,17 @@ def compile(step_fn: Callable, loss_fn: Callable, algorithm: Algorithm, *,  # no
     loss_fn : callable
         ``loss_fn(out, target) -> scalar`` for one sample.
     algorithm : Algorithm
-        ``braintrace.D_RTRL()``, ``braintrace.ES_D_RTRL(...)`` (alias ``pp_prop``) or
-        ``braintrace.BPTT()``.
+        ``braintrace.D_RTRL()``, ``braintrace.ES_D_RTRL(...)`` (alias ``pp_prop``),
+        ``braintrace.OneStep()`` or ``braintrace.BPTT()``.
     batched : bool
-        ``True`` when ``x``, every ``hidden`` leaf and ``target`` carry a leading batch
-        axis; the per-step loss is then the batch mean of ``loss_fn``.
+        ``True`` (the default, as in the Flax and Equinox faces) when ``x``, every
+        ``hidden`` leaf and ``target`` carry a leading batch axis; the per-step loss is
+        then the batch mean of ``loss_fn``. ``False`` for one sample (vmap the learner
+        over sequences, or write the step for one sample).
+    strict : bool
+        Raise :class:`~braintrace.CompileError` instead of warning
+        (:class:`~braintrace.TruncationWarning`) when a parameter's gradient would be
+        truncated (``docs/algorithms.md``, "Exactness classes").
 
     Returns
     -------
@@ -245,11 +283,11 @@ def compile(step_fn: Callable, loss_fn: Callable, algorithm: Algorithm, *,  # no
     ...     h = 0.9 * h + ops.dense(x, p['w'])
     ...     return h, h @ p['r']
     >>> loss = lambda out, y: jnp.sum((out - y) ** 2)
-    >>> learner = bt.compile(step, loss, bt.D_RTRL())
+    >>> learner = bt.compile(step, loss, bt.D_RTRL(), batched=False)
     >>> params = {'w': jnp.ones((3, 4)) * 0.1, 'r': jnp.ones((4, 2))}
     >>> state = learner.init(params, jnp.zeros(4), jnp.zeros(3))
     >>> (l, out), grads, state = learner.step(params, state, jnp.ones(3), jnp.zeros(2))
     >>> jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     True
     """
-    return Learner(step_fn, loss_fn, algorithm, batched=batched)
+    return Learner(step_fn, loss_fn, algorithm, batched=batched, strict=strict)

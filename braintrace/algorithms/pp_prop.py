@@ -4,20 +4,41 @@
     epsf^t[k,a] = alpha_f * sum_c D^t[k,a,c] epsf^{t-1}[k,c] + (1 - alpha_f) * D_f^t[k,a]
     dW          = xy_to_dw(epsx, sum_a g[..., a] * epsf[..., a])
 
-``epsx`` is kept once per op (shared by the op's relations), ``epsf`` per relation.
-An op without an input (elementwise parameters) keeps the exact D-RTRL trace, which
-is already output-sized.
+(``docs/algorithms.md``, "pp_prop"). ``epsx`` is kept once per op (shared by the
+op's relations), ``epsf`` per relation. An op without an input (elementwise
+parameters) keeps the exact D-RTRL trace, which is already output-sized.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 from .. import registry
-from .base import OnlineAlgorithm, add_into, op_weights, weight_structs, with_lead
-from .d_rtrl import credit_relation, init_relation, update_relation
+from .base import Algorithm
+from .relation import credit_relation, init_relation, update_relation
+from .wiring import add_into, op_weights, to_outputs, weight_structs, with_lead
 
-__all__ = ["ES_D_RTRL", "pp_prop", "decay_from"]
+__all__ = ["ES_D_RTRL", "pp_prop", "decay_from", "PPTraces"]
+
+
+class PPTraces(NamedTuple):
+    """pp_prop's state.
+
+    Attributes
+    ----------
+    inputs : tuple
+        Per op: ``epsx`` (the op's input shape, per sample when batched), or ``None``
+        for ops without an input or without a relation.
+    outputs : tuple
+        Per relation: ``epsf`` (``y`` shape plus a trailing state axis, per sample),
+        or, for an op without an input, its exact D-RTRL trace (see ``D_RTRL``).
+    """
+
+    inputs: tuple
+    outputs: tuple
 
 
 def decay_from(value, side: str) -> float:
@@ -38,7 +59,31 @@ def decay_from(value, side: str) -> float:
     )
 
 
-class ES_D_RTRL(OnlineAlgorithm):
+def _per_sample_inputs(graph, op) -> bool:
+    """Whether ``epsx`` has a leading per-sample axis the op's input lacks."""
+    return graph.batched and not op.batched
+
+
+def _init_inputs(graph) -> tuple:
+    traced = set(graph.traced_ops)
+    inputs = []
+    for op in graph.ops:
+        if op.index not in traced or op.x_aval is None:
+            inputs.append(None)
+            continue
+        shape = tuple(op.x_aval.shape)
+        if _per_sample_inputs(graph, op):
+            shape = (graph.groups[0].shape[0],) + shape
+        inputs.append(jnp.zeros(shape, op.x_aval.dtype))
+    return tuple(inputs)
+
+
+def _broadcast_count(value, like):
+    """A per-sample (or scalar) factor reshaped to broadcast against ``like``."""
+    return value.reshape(value.shape + (1,) * (jnp.ndim(like) - value.ndim))
+
+
+class ES_D_RTRL(Algorithm):
     """Exponentially smoothed D-RTRL, a.k.a. ``pp_prop``.
 
     Parameters
@@ -47,8 +92,8 @@ class ES_D_RTRL(OnlineAlgorithm):
         ``alpha`` in ``[0, 1)``, or an int rank ``r`` meaning
         ``alpha = (r - 1) / (r + 1)``, or an ``(x_side, f_side)`` pair of either.
     warmup_correction : bool
-        Divide ``epsf`` by ``1 - alpha_f^n`` (``n`` = trace updates so far), which
-        removes the start-up bias of the ``(1 - alpha_f)`` smoothing.
+        Divide ``epsf`` by ``1 - alpha_f^n`` (``n`` = this sample's trace updates so
+        far), which removes the start-up bias of the ``(1 - alpha_f)`` smoothing.
 
     Examples
     --------
@@ -61,6 +106,7 @@ class ES_D_RTRL(OnlineAlgorithm):
     """
 
     name = "pp_prop"
+    traced = True
 
     def __init__(self, decay_or_rank=0.9, *, warmup_correction: bool = False):
         if isinstance(decay_or_rank, (tuple, list)):
@@ -82,57 +128,55 @@ class ES_D_RTRL(OnlineAlgorithm):
             f"warmup_correction={self.warmup_correction})"
         )
 
-    # -- traces: {'x': per op (None without input or trace), 'f': per relation} --
-    def init_traces(self, graph, param_leaves):
-        traced = set(graph.traced_ops)
-        xs = []
-        for op in graph.ops:
-            if op.index in traced and op.x_aval is not None:
-                xs.append(jnp.zeros(op.x_aval.shape, op.x_aval.dtype))
-            else:
-                xs.append(None)
-        fs = []
+    # -- traces ----------------------------------------------------------------------
+    def init_traces(self, graph, param_leaves) -> PPTraces:
+        outputs = []
         for r in graph.relations:
             op = graph.ops[r.op]
             if op.x_aval is None:
-                fs.append(init_relation(graph, r, param_leaves))
+                outputs.append(init_relation(graph, r, param_leaves))
                 continue
             x_var, y_var = op.sample_vars()
             w_var = weight_structs(graph, r.op, param_leaves)
             epsf = op.rules.init_pp(x_var, y_var, w_var, graph.groups[r.group].num_states)
-            fs.append(with_lead(graph, r, epsf))
-        return {"x": tuple(xs), "f": tuple(fs)}
+            outputs.append(with_lead(graph, r, epsf))
+        return PPTraces(_init_inputs(graph), tuple(outputs))
 
     def _correction(self, count, dtype):
         """``1 / (1 - alpha_f^n)`` after ``n`` trace updates (1 without the correction)."""
         if not self.warmup_correction or self.alpha_f == 0.0:
-            return jnp.ones((), dtype)
+            return jnp.ones(jnp.shape(count), dtype)
         n = jnp.maximum(count, 1).astype(dtype)
         return 1.0 / (1.0 - jnp.asarray(self.alpha_f, dtype) ** n)
 
-    def credit(self, graph, param_leaves, traces, signals, count):
+    def credit(self, graph, param_leaves, traces, signals, count) -> dict:
         grads: dict = {}
-        for r, epsf in zip(graph.relations, traces["f"]):
+        for r, epsf in zip(graph.relations, traces.outputs):
             op = graph.ops[r.op]
             if op.x_aval is None:
                 credit_relation(graph, r, param_leaves, epsf, signals[r.group], grads)
                 continue
-            epsx = traces["x"][r.op]
-            ghat = (signals[r.group] * epsf).sum(-1) * self._correction(count, epsf.dtype)
+            ghat = (to_outputs(graph, r, signals[r.group]) * epsf).sum(-1)
+            ghat = ghat * _broadcast_count(self._correction(count, ghat.dtype), ghat)
             w = op_weights(graph, r.op, param_leaves)
-            if op.batched or not r.lead:
-                # The op's own VJP sums over its batch axis: no per-sample gradient.
-                rule = registry.get_rule(op.primitive, "xy_to_dw")
-                dw = rule(epsx, ghat.astype(epsx.dtype), w, **op.params)
-            else:
-                # One input shared by all samples: the VJP is linear in the cotangent.
-                dw = op.rules.xy_to_dw(epsx, ghat.sum(0).astype(epsx.dtype), w)
-            add_into(grads, op.trainables, dw)
+            add_into(grads, op.trainables, self._factorised_dw(graph, op, traces, ghat, w))
             if self.alpha_x:
                 add_into(grads, op.trainables, self._input_free_part(op, r, ghat, w, count))
         return grads
 
-    def _input_free_part(self, op, relation, ghat, w, count):
+    def _factorised_dw(self, graph, op, traces, ghat, w) -> dict:
+        """``xy_to_dw(epsx, ghat)`` summed over samples."""
+        epsx = traces.inputs[op.index]
+        if op.batched:
+            # The op's own VJP rule sums over its batch axis.
+            rule = registry.get_rule(op.primitive, "xy_to_dw")
+            return rule(epsx, ghat.astype(epsx.dtype), w, **op.params)
+        if _per_sample_inputs(graph, op):
+            per = jax.vmap(lambda e, g: op.rules.xy_to_dw(e, g.astype(e.dtype), w))(epsx, ghat)
+            return jax.tree_util.tree_map(lambda a: a.sum(0), per)
+        return op.rules.xy_to_dw(epsx, ghat.astype(epsx.dtype), w)
+
+    def _input_free_part(self, op, relation, ghat, w, count) -> dict:
         """Give the op's input-free trainables (a bias) their own input-side trace.
 
         A bias is a weight on a constant input 1, whose input trace after ``n``
@@ -142,30 +186,31 @@ class ES_D_RTRL(OnlineAlgorithm):
         input column train identically (as they do under D-RTRL and BPTT).
         """
         x_var, _ = op.sample_vars()
-        cotangent = ghat.sum(0) if relation.lead else ghat
-        dw0 = op.rules.xy_to_dw(jnp.zeros(x_var.shape, x_var.dtype),
-                                cotangent.astype(x_var.dtype), w)
         n = jnp.maximum(count, 1).astype(x_var.dtype)
         alpha = jnp.asarray(self.alpha_x, x_var.dtype)
         factor = (1.0 - alpha**n) / (1.0 - alpha) - 1.0
-        return {k: factor.astype(v.dtype) * v for k, v in dw0.items()}
-
-    def update(self, graph, param_leaves, traces, parts, count):
-        xs = tuple(
-            None if eps is None else self.alpha_x * eps + parts.xs[k].astype(eps.dtype)
-            for k, eps in enumerate(traces["x"])
+        cotangent = ghat * _broadcast_count(factor, ghat)
+        if relation.lead:
+            cotangent = cotangent.sum(0)
+        return op.rules.xy_to_dw(
+            jnp.zeros(x_var.shape, x_var.dtype), cotangent.astype(x_var.dtype), w
         )
-        fs = []
-        for r, epsf in zip(graph.relations, traces["f"]):
+
+    def update(self, graph, param_leaves, traces, parts, count) -> PPTraces:
+        inputs = tuple(
+            None if eps is None else self.alpha_x * eps + parts.xs[k].astype(eps.dtype)
+            for k, eps in enumerate(traces.inputs)
+        )
+        outputs = []
+        for r, epsf in zip(graph.relations, traces.outputs):
             if graph.ops[r.op].x_aval is None:
-                fs.append(update_relation(graph, r, param_leaves, epsf, parts))
+                outputs.append(update_relation(graph, r, param_leaves, epsf, parts))
                 continue
-            d, df = parts.d[r.group], parts.df[r.index]
+            d, df = to_outputs(graph, r, parts.d[r.group]), parts.df[r.index]
             propagated = jnp.einsum("...ac,...c->...a", d, epsf)
-            fs.append(
-                (self.alpha_f * propagated + (1.0 - self.alpha_f) * df).astype(epsf.dtype)
-            )
-        return {"x": xs, "f": tuple(fs)}
+            new = self.alpha_f * propagated + (1.0 - self.alpha_f) * df
+            outputs.append(new.astype(epsf.dtype))
+        return PPTraces(inputs, tuple(outputs))
 
 
 #: ``pp_prop`` is the name used in the braintrace papers for ES-D-RTRL.

@@ -8,22 +8,28 @@ returns an :class:`~braintrace.compiler.graph.ETPGraph` with its report.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import registry
+from ..primitive import compiling
+from . import index_maps
 from . import program as prog
+from .analysis import Analysis
 from .errors import CompileError
 from .graph import ETPGraph, HiddenGroup, OpInfo, Relation
 from .paths import analyse
 from .program import is_inexact
+from .reach import trace_routes
 from .report import build_report
 
 __all__ = ["compile_graph"]
-
 
 
 def _path_str(path) -> str:
@@ -64,45 +70,111 @@ def _flatten_named(name, tree):
                 ) from err
         paths.append(_path_str(path))
         leaves.append(leaf)
-    return paths, leaves, treedef
+    return tuple(paths), tuple(leaves), treedef
 
 
-def _trace(step, pdef, hdef, xdef, n_p, n_h, h_paths, leaves):
-    holder = {}
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """The step's example arguments as flat leaves, with their paths and treedefs."""
 
-    def flat_step(*flat):
-        params = jax.tree_util.tree_unflatten(pdef, flat[:n_p])
-        hidden = jax.tree_util.tree_unflatten(hdef, flat[n_p : n_p + n_h])
-        x = jax.tree_util.tree_unflatten(xdef, flat[n_p + n_h :])
-        result = step(params, hidden, x)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            kind = "an array" if isinstance(result, jax.Array) else type(result).__name__
-            raise CompileError(
-                "the step must return (new_hidden, out); got "
-                f"{kind}"
-                + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
-                + "."
-            )
-        new_hidden, out = result
-        new_flat, new_def = jax.tree_util.tree_flatten(new_hidden)
-        if new_def != hdef:
-            raise CompileError(
-                f"the step's new_hidden has structure {new_def} but hidden has {hdef}; "
-                "return the same pytree of hidden states it receives."
-            )
-        out_flat, holder["out_def"] = jax.tree_util.tree_flatten(out)
-        return list(new_flat) + list(out_flat)
+    p_paths: tuple
+    p_leaves: tuple
+    pdef: Any
+    h_paths: tuple
+    h_leaves: tuple
+    hdef: Any
+    x_paths: tuple
+    x_leaves: tuple
+    xdef: Any
 
-    closed = jax.make_jaxpr(flat_step)(*leaves)
-    out_avals = closed.out_avals
-    for i, path in enumerate(h_paths):
-        old, new = leaves[n_p + i], out_avals[i]
+    @property
+    def n_p(self) -> int:
+        return len(self.p_leaves)
+
+    @property
+    def n_h(self) -> int:
+        return len(self.h_leaves)
+
+    @property
+    def leaves(self) -> tuple:
+        return self.p_leaves + self.h_leaves + self.x_leaves
+
+
+def _check_batch_axis(flat: _Flat) -> None:
+    sizes = {
+        name: (leaf.shape[0] if leaf.ndim else None)
+        for name, leaf in zip(
+            [f"hidden{p}" for p in flat.h_paths] + [f"x{p}" for p in flat.x_paths],
+            flat.h_leaves + flat.x_leaves,
+        )
+    }
+    if len(set(sizes.values())) > 1 or None in sizes.values():
+        listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise CompileError(
+            "batched=True needs one leading batch axis of the same size on every leaf of "
+            f"hidden and x; got leading sizes {listed}."
+        )
+
+
+def _flatten_inputs(params, hidden, x, batched: bool) -> _Flat:
+    flat = _Flat(
+        *_flatten_named("params", params),
+        *_flatten_named("hidden", hidden),
+        *_flatten_named("x", x),
+    )
+    if not flat.h_leaves:
+        raise CompileError(
+            "hidden has no leaves: there is no state to carry over time, so there is nothing "
+            "to learn online. Pass the recurrent state as hidden."
+        )
+    if batched:
+        _check_batch_axis(flat)
+    return flat
+
+
+def _check_result(result, hdef):
+    """``(new_hidden, out)`` of the traced step, checked against ``hidden``'s structure."""
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        kind = "an array" if isinstance(result, jax.Array) else type(result).__name__
+        length = f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""
+        raise CompileError(f"the step must return (new_hidden, out); got {kind}{length}.")
+    new_hidden, out = result
+    new_flat, new_def = jax.tree_util.tree_flatten(new_hidden)
+    if new_def != hdef:
+        raise CompileError(
+            f"the step's new_hidden has structure {new_def} but hidden has {hdef}; "
+            "return the same pytree of hidden states it receives."
+        )
+    return new_flat, out
+
+
+def _check_hidden_kept(flat: _Flat, out_avals) -> None:
+    for i, path in enumerate(flat.h_paths):
+        old, new = flat.h_leaves[i], out_avals[i]
         if tuple(old.shape) != tuple(new.shape) or jnp.dtype(old.dtype) != jnp.dtype(new.dtype):
             raise CompileError(
                 f"hidden{path} changes across the step from {jnp.dtype(old.dtype).name}"
                 f"{list(old.shape)} to {jnp.dtype(new.dtype).name}{list(new.shape)}; a hidden "
                 "state must keep its shape and dtype (cast or reshape it inside the step)."
             )
+
+
+def _trace(step, flat: _Flat):
+    """The step's closed jaxpr over flat leaves, and the treedef of its ``out``."""
+    holder = {}
+    n_p, n_h = flat.n_p, flat.n_h
+
+    def flat_step(*leaves):
+        params = jax.tree_util.tree_unflatten(flat.pdef, leaves[:n_p])
+        hidden = jax.tree_util.tree_unflatten(flat.hdef, leaves[n_p : n_p + n_h])
+        x = jax.tree_util.tree_unflatten(flat.xdef, leaves[n_p + n_h :])
+        new_flat, out = _check_result(step(params, hidden, x), flat.hdef)
+        out_flat, holder["out_def"] = jax.tree_util.tree_flatten(out)
+        return list(new_flat) + list(out_flat)
+
+    with compiling():  # an op dissolving here loses its trace: say so
+        closed = jax.make_jaxpr(flat_step)(*flat.leaves)
+    _check_hidden_kept(flat, closed.out_avals)
     return closed, holder["out_def"]
 
 
@@ -137,69 +209,116 @@ def _check_no_hidden_etp(program):
                 )
 
 
-def _find_ops(program, n_p, p_paths, h_paths):
-    param_vids = {program.inputs[i]: i for i in range(n_p)}
-    hidden_vids = {program.inputs[n_p + i]: i for i in range(len(h_paths))}
-    ops = []
-    for index, node in enumerate(program.nodes):
-        prim = node.primitive
-        if not registry.is_etp_primitive(prim):
-            continue
-        k = len(ops)
-        label = f"ETP op #{k} ({prim.name})"
-        trainables, paths = {}, {}
-        for name, invar in registry.get_trainable_invars(prim, node.params).items():
-            atom = node.inputs[invar]
-            if isinstance(atom, int) and atom in param_vids:
-                trainables[name] = param_vids[atom]
-                paths[name] = p_paths[param_vids[atom]] or "<root>"
-                continue
-            if isinstance(atom, prog.Const):
-                raise CompileError(
-                    f"{label}: its trainable input {name!r} is a constant captured by the step, "
-                    "not a params leaf; pass the array in params so it can be trained."
-                )
-            if isinstance(atom, int) and atom in hidden_vids:
-                raise CompileError(
-                    f"{label}: its trainable input {name!r} is hidden{h_paths[hidden_vids[atom]]}; "
-                    "trainable inputs must be params leaves."
-                )
-            chain, leaf = _producer_chain(program, atom, param_vids)
-            if leaf is None:
-                raise CompileError(
-                    f"{label}: its trainable input {name!r} is computed inside the step (via "
-                    f"{', '.join(reversed(chain)) or 'an input'}), not a params leaf; pass the "
-                    "parameter itself to the op."
-                )
-            raise CompileError(
-                f"{label}: params{p_paths[leaf]} reaches its trainable input {name!r} through "
-                f"{' -> '.join(reversed(chain))}; ETP ops must receive trainable parameters "
-                "unchanged. Pass the raw parameter (use weight_layout='out_in' instead of a "
-                "transpose, the op's dtype= instead of a cast) or store the parameter in the "
-                "form the op expects."
-            )
-        x_index = registry.get_x_invar_index(prim)
-        y_index = registry.get_y_outvar_index(prim)
-        x_aval = None if x_index is None else program.aval_of(node.inputs[x_index])
-        y_aval = program.avals[node.outputs[y_index]]
-        frozen = {}
-        for name, invar in registry.get_frozen_invars(prim, node.params).items():
-            atom = node.inputs[invar]
-            if isinstance(atom, prog.Const):
-                frozen[name] = ("const", atom.value)
-            elif isinstance(atom, int) and atom in param_vids:
-                frozen[name] = ("param", param_vids[atom])
-            else:
-                raise CompileError(
-                    f"{label}: its frozen operand {name!r} (seen by its trace rules) is "
-                    "computed inside the step; it must be a constant or a params leaf, the "
-                    "same at every step. Compute it outside the step and close over it."
-                )
-        ops.append(
-            OpInfo(k, prim, dict(node.params), trainables, paths, x_index, y_index, x_aval,
-                   y_aval, index, frozen)
+@dataclasses.dataclass(frozen=True)
+class _Leaves:
+    """The flat ``params`` / ``hidden`` inputs of a program, by value id."""
+
+    program: prog.Program
+    flat: _Flat
+
+    @functools.cached_property
+    def param_vids(self) -> dict:
+        return {self.program.inputs[i]: i for i in range(len(self.flat.p_paths))}
+
+    @functools.cached_property
+    def hidden_vids(self) -> dict:
+        n_p = len(self.flat.p_paths)
+        return {self.program.inputs[n_p + i]: i for i in range(len(self.flat.h_paths))}
+
+
+def _trainable_leaf(leaves: _Leaves, atom, name: str, label: str) -> int:
+    """The params leaf feeding a trainable input, or a CompileError saying what it is."""
+    if isinstance(atom, int) and atom in leaves.param_vids:
+        return leaves.param_vids[atom]
+    if isinstance(atom, prog.Const):
+        raise CompileError(
+            f"{label}: its trainable input {name!r} is a constant captured by the step, "
+            "not a params leaf; pass the array in params so it can be trained."
         )
-    return ops
+    if isinstance(atom, int) and atom in leaves.hidden_vids:
+        raise CompileError(
+            f"{label}: its trainable input {name!r} is "
+            f"hidden{leaves.flat.h_paths[leaves.hidden_vids[atom]]}; "
+            "trainable inputs must be params leaves."
+        )
+    chain, leaf = _producer_chain(leaves.program, atom, leaves.param_vids)
+    if leaf is None:
+        raise CompileError(
+            f"{label}: its trainable input {name!r} is computed inside the step (via "
+            f"{', '.join(reversed(chain)) or 'an input'}), not a params leaf; pass the "
+            "parameter itself to the op."
+        )
+    raise CompileError(
+        f"{label}: params{leaves.flat.p_paths[leaf]} reaches its trainable input {name!r} "
+        f"through {' -> '.join(reversed(chain))}; ETP ops must receive trainable parameters "
+        "unchanged. Pass the raw parameter (use weight_layout='out_in' instead of a "
+        "transpose, the op's dtype= instead of a cast) or store the parameter in the "
+        "form the op expects."
+    )
+
+
+def _frozen_operands(leaves: _Leaves, node, label: str) -> dict:
+    """Frozen operand name -> ``('const', value)`` or ``('param', leaf)``."""
+    frozen = {}
+    for name, invar in registry.get_frozen_invars(node.primitive, node.params).items():
+        atom = node.inputs[invar]
+        if isinstance(atom, prog.Const):
+            frozen[name] = ("const", atom.value)
+        elif isinstance(atom, int) and atom in leaves.param_vids:
+            frozen[name] = ("param", leaves.param_vids[atom])
+        else:
+            raise CompileError(
+                f"{label}: its frozen operand {name!r} (seen by its trace rules) is "
+                "computed inside the step; it must be a constant or a params leaf, the "
+                "same at every step. Compute it outside the step and close over it."
+            )
+    return frozen
+
+
+def _op_info(leaves: _Leaves, k: int, index: int, node) -> OpInfo:
+    prim = node.primitive
+    label = f"ETP op #{k} ({prim.name})"
+    trainables = {
+        name: _trainable_leaf(leaves, node.inputs[invar], name, label)
+        for name, invar in registry.get_trainable_invars(prim, node.params).items()
+    }
+    paths = {name: leaves.flat.p_paths[leaf] or "<root>" for name, leaf in trainables.items()}
+    x_index = registry.get_x_invar_index(prim)
+    y_index = registry.get_y_outvar_index(prim)
+    program = leaves.program
+    x_aval = None if x_index is None else program.aval_of(node.inputs[x_index])
+    y_aval = program.avals[node.outputs[y_index]]
+    return OpInfo(
+        k,
+        prim,
+        dict(node.params),
+        trainables,
+        paths,
+        x_index,
+        y_index,
+        x_aval,
+        y_aval,
+        index,
+        _frozen_operands(leaves, node, label),
+    )
+
+
+def _is_frozen_layer(node) -> bool:
+    """An ETP equation whose every trainable input is a constant of the step: a frozen
+    layer (a converted layer the user does not train), evaluated like plain ``jnp``."""
+    invars = registry.get_trainable_invars(node.primitive, node.params).values()
+    return all(isinstance(node.inputs[i], prog.Const) for i in invars)
+
+
+def _find_ops(program, flat) -> list:
+    """Every trained ETP equation of ``program``, in order, with the params leaves it trains."""
+    leaves = _Leaves(program, flat)
+    etp = [
+        (i, n)
+        for i, n in enumerate(program.nodes)
+        if registry.is_etp_primitive(n.primitive) and not _is_frozen_layer(n)
+    ]
+    return [_op_info(leaves, k, index, node) for k, (index, node) in enumerate(etp)]
 
 
 def _group_hidden(float_h, out_taint, h_avals, h_paths):
@@ -227,53 +346,131 @@ def _group_hidden(float_h, out_taint, h_avals, h_paths):
     groups = []
     for root in sorted(members):
         leaves = tuple(members[root])
-        groups.append(HiddenGroup(
-            len(groups), leaves, tuple(f"hidden{h_paths[i]}" for i in leaves),
-            tuple(h_avals[leaves[0]].shape), h_avals[leaves[0]].dtype,
-        ))
+        groups.append(
+            HiddenGroup(
+                len(groups),
+                leaves,
+                tuple(f"hidden{h_paths[i]}" for i in leaves),
+                tuple(h_avals[leaves[0]].shape),
+                h_avals[leaves[0]].dtype,
+            )
+        )
     return groups, dropped
 
 
-def _find_relations(ops, groups, out_taint, into_etp_x, batched):
-    """Relations (op, group) with position-preserving paths, and a note per op."""
+@dataclasses.dataclass(frozen=True)
+class _PathFacts:
+    """What relation finding reads: the program, its cuts and constants, the reach."""
+
+    program: prog.Program
+    cut_nodes: dict
+    constants: dict
+    out_taint: tuple
+    into_etp_x: dict
+    batched: bool
+
+
+def _index_map(facts: _PathFacts, op, g, lead: int):
+    """The relation's per-sample index map, or a reason it has none."""
+    outputs = [facts.program.outputs[i] for i in g.leaves]
+    layers = index_maps.element_positions(
+        facts.program, op.node, op.y_index, facts.cut_nodes, facts.constants, outputs
+    )
+    y_lead = 1 if op.batched else 0
+    return index_maps.per_sample_map(layers, tuple(op.y_aval.shape), g.shape, y_lead, lead)
+
+
+def _relation_for(facts: _PathFacts, op, g, index: int):
+    """``(Relation or None, note or None)`` for op ``op`` and group ``g``."""
+    reaches = [
+        facts.out_taint[i][("y", op.index)]
+        for i in g.leaves
+        if ("y", op.index) in facts.out_taint[i]
+    ]
+    if not reaches:
+        return None, None
+    bad = tuple(sorted(set().union(*(r.bad for r in reaches))))
+    if not any(r.ok for r in reaches):
+        note = f"reaches group #{g.index} only through {', '.join(bad)} (not position-preserving)"
+        return None, note
+    lead = 1 if (op.batched or facts.batched) else 0
+    y_shape = tuple(op.y_aval.shape)[1 if op.batched else 0 :]
+    pos_shape = g.shape[lead:]
+    same_batch = not (op.batched and lead) or op.y_aval.shape[0] == g.shape[0]
+    mapped = None
+    if any(r.moved for r in reaches) or y_shape != pos_shape:
+        mapped = _index_map(facts, op, g, lead) if same_batch else "its batch differs"
+        if isinstance(mapped, str):
+            note = (
+                f"output {list(y_shape)} does not map onto group #{g.index}'s positions "
+                f"{list(pos_shape)}: {mapped}"
+            )
+            return None, note
+        mapped = tuple(int(v) for v in mapped)
+        if mapped == tuple(range(len(mapped))) and y_shape == pos_shape:
+            mapped = None  # moved, but back where it started
+    note = f"D_f of group #{g.index} drops paths through {', '.join(bad)}" if bad else None
+    return Relation(index, op.index, g.index, lead, bad, mapped), note
+
+
+def _find_relations(ops, groups, facts: _PathFacts):
+    """Relations (op, group) with position-preserving or index-mapped paths, and op notes."""
     relations, notes = [], {op.index: [] for op in ops}
     for op in ops:
-        src = ("y", op.index)
         for g in groups:
-            reaches = [out_taint[i][src] for i in g.leaves if src in out_taint[i]]
-            if not reaches:
-                continue
-            ok = any(r.ok for r in reaches)
-            bad = tuple(sorted(set().union(*(r.bad for r in reaches))))
-            lead = 1 if (op.batched or batched) else 0
-            y_shape = tuple(op.y_aval.shape)[1 if op.batched else 0 :]
-            pos_shape = g.shape[lead:]
-            shapes_ok = y_shape == pos_shape and (
-                not (op.batched and lead) or op.y_aval.shape[0] == g.shape[0]
-            )
-            if ok and shapes_ok:
-                relations.append(Relation(len(relations), op.index, g.index, lead, bad))
-                if bad:
-                    notes[op.index].append(
-                        f"D_f of group #{g.index} drops paths through {', '.join(bad)}"
-                    )
-            elif ok:
-                notes[op.index].append(
-                    f"output {list(y_shape)} does not map one-to-one onto group #{g.index}'s "
-                    f"positions {list(pos_shape)}"
-                )
-            else:
-                notes[op.index].append(
-                    f"reaches group #{g.index} only through {', '.join(bad)} "
-                    "(not position-preserving)"
-                )
-        into = sorted(into_etp_x.get(src, ()))
+            relation, note = _relation_for(facts, op, g, len(relations))
+            if relation is not None:
+                relations.append(relation)
+            if note:
+                notes[op.index].append(note)
+        into = sorted(facts.into_etp_x.get(("y", op.index), ()))
         if into:
             notes[op.index].append(
-                "feeds the input of " + ", ".join(f"op #{j}" for j in into)
+                "feeds the input of "
+                + ", ".join(f"op #{j}" for j in into)
                 + " (cut: ETP outputs are held fixed)"
             )
     return relations, notes
+
+
+def _seed_classes(ops, relations) -> tuple:
+    """Per op: the tangent class of each output element (``None`` without index maps)."""
+    classes = []
+    for op in ops:
+        maps = [np.asarray(r.index_map) for r in relations if r.op == op.index and r.index_map]
+        if not maps:
+            classes.append(None)
+            continue
+        found = index_maps.colour(maps, len(maps[0]))
+        classes.append(tuple(int(c) for c in found) if found.max() > 0 else None)
+    return tuple(classes)
+
+
+def _analyse_paths(program, flat: _Flat, ops: list, h_avals: tuple, batched: bool):
+    """Kept reach from every float hidden leaf and op output to ``new_hidden``."""
+    n_p = flat.n_p
+    sources = {program.inputs[n_p + i]: ("h", i) for i, a in enumerate(h_avals) if is_inexact(a)}
+    for op in ops:
+        sources[program.nodes[op.node].outputs[op.y_index]] = ("y", op.index)
+    constants = index_maps.fold_constants(program)
+    info = analyse(program, sources, {op.node: op.index for op in ops}, batched, constants)
+    out_taint = tuple(
+        info.taints.get(a, {}) if isinstance(a, int) else {} for a in program.outputs[: flat.n_h]
+    )
+    facts = _PathFacts(
+        program, dict(info.cut_nodes), constants, out_taint, info.into_etp_x, batched
+    )
+    return info, facts
+
+
+def _all_routes(program, flat: _Flat, ops: list, h_avals: tuple):
+    """Every route from the float params and hidden leaves (see :mod:`.reach`)."""
+    n_p = flat.n_p
+    sources = {program.inputs[i]: ("p", i) for i, a in enumerate(flat.p_leaves) if is_inexact(a)}
+    sources.update(
+        {program.inputs[n_p + i]: ("h", i) for i, a in enumerate(h_avals) if is_inexact(a)}
+    )
+    return trace_routes(program, sources, {op.node: op.index for op in ops})
 
 
 def compile_graph(
@@ -309,48 +506,20 @@ def compile_graph(
     ...     h = 0.9 * h + ops.dense(x, p['w'])
     ...     return h, h.sum()
     >>> g = compile_graph(step, {'w': jnp.zeros((3, 4))}, jnp.zeros(4), jnp.zeros(3))
-    >>> g.report.param("['w']").mode
-    'trace'
+    >>> entry = g.report.param("['w']")
+    >>> entry.mode, entry.gradient
+    ('trace', 'exact')
     """
-    p_paths, p_leaves, pdef = _flatten_named("params", params)
-    h_paths, h_leaves, hdef = _flatten_named("hidden", hidden)
-    x_paths, x_leaves, xdef = _flatten_named("x", x)
-    if not h_leaves:
-        raise CompileError(
-            "hidden has no leaves: there is no state to carry over time, so there is nothing "
-            "to learn online. Pass the recurrent state as hidden."
-        )
-    if batched:
-        sizes = {
-            (f"hidden{p}" if i < len(h_paths) else f"x{p}"): (leaf.shape[0] if leaf.ndim else None)
-            for i, (p, leaf) in enumerate(zip(h_paths + x_paths, h_leaves + x_leaves))
-        }
-        if len(set(sizes.values())) > 1 or None in sizes.values():
-            listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-            raise CompileError(
-                "batched=True needs one leading batch axis of the same size on every leaf of "
-                f"hidden and x; got leading sizes {listed}."
-            )
-    n_p, n_h = len(p_leaves), len(h_leaves)
-    closed, out_def = _trace(step, pdef, hdef, xdef, n_p, n_h, h_paths,
-                             p_leaves + h_leaves + x_leaves)
+    flat = _flatten_inputs(params, hidden, x, batched)
+    closed, out_def = _trace(step, flat)
     program = prog.flatten(closed)
     _check_no_hidden_etp(program)
-    ops = _find_ops(program, n_p, p_paths, h_paths)
-
-    h_avals = tuple(closed.in_avals[n_p : n_p + n_h])
+    ops = _find_ops(program, flat)
+    h_avals = tuple(closed.in_avals[flat.n_p : flat.n_p + flat.n_h])
+    info, facts = _analyse_paths(program, flat, ops, h_avals, batched)
     float_h = [i for i, a in enumerate(h_avals) if is_inexact(a)]
-    sources = {program.inputs[n_p + i]: ("h", i) for i in float_h}
-    for op in ops:
-        sources[program.nodes[op.node].outputs[op.y_index]] = ("y", op.index)
-    info = analyse(program, sources, {op.node: op.index for op in ops}, batched)
-    out_taint = [
-        info.taints.get(a, {}) if isinstance(a, int) else {} for a in program.outputs[:n_h]
-    ]
-
-    groups, dropped_coupling = _group_hidden(float_h, out_taint, h_avals, h_paths)
-    relations, op_notes = _find_relations(ops, groups, out_taint, info.into_etp_x, batched)
-
+    groups, dropped_coupling = _group_hidden(float_h, facts.out_taint, h_avals, flat.h_paths)
+    relations, op_notes = _find_relations(ops, groups, facts)
     graph = ETPGraph(
         batched=batched,
         ops=tuple(ops),
@@ -359,16 +528,23 @@ def compile_graph(
         report=None,
         program=program,
         cut_nodes=dict(info.cut_nodes),
-        params_def=pdef,
-        hidden_def=hdef,
-        x_def=xdef,
+        params_def=flat.pdef,
+        hidden_def=flat.hdef,
+        x_def=flat.xdef,
         out_def=out_def,
         hidden_avals=h_avals,
+        seed_classes=_seed_classes(ops, relations),
     )
     graph.report = build_report(
-        graph, program, p_paths, p_leaves, h_paths, h_avals, 1 if batched else 0, op_notes,
-        dropped_coupling, n_p, n_h, out_taint,
+        Analysis(
+            graph=graph,
+            param_paths=flat.p_paths,
+            param_avals=tuple(closed.in_avals[: flat.n_p]),
+            hidden_paths=flat.h_paths,
+            op_notes=op_notes,
+            dropped_coupling=dropped_coupling,
+            out_taint=facts.out_taint,
+            routes=_all_routes(program, flat, ops, h_avals),
+        )
     )
     return graph
-
-

@@ -12,6 +12,13 @@ position-preserving paths and the report names what was dropped.
 Paths into an ETP op's input ``x`` end there (``D`` and ``D_f`` hold ETP outputs
 fixed); they are recorded so the report can say a parameter reaches a hidden state
 only through another ETP op.
+
+An ETP output may also reach a group through operations that only move elements
+(slices, splits, reshapes, concatenations, transposes, constant-index gathers): such
+a path is kept and marked ``moved``, and the compiler then checks with an index map
+that every output element reaches at most one position (:mod:`.index_maps`,
+``docs/algorithms.md``, "Index maps"). A hidden state's own path through a mover is
+cut as before: ``D`` is per position.
 """
 
 from __future__ import annotations
@@ -25,27 +32,53 @@ from .program import Program, is_inexact, sub_jaxprs
 ELEMENTWISE = frozenset(
     """
     abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj copy
-    copy_p cos cosh digamma div erf erf_inv erfc exp exp2 expm1 floor imag integer_pow
+    cos cosh digamma div erf erf_inv erfc exp exp2 expm1 floor imag integer_pow
     is_finite lgamma log log1p logistic max min mul ne neg nextafter not or pow real
     reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor
-    convert_element_type eq ge gt le lt
+    convert_element_type eq ge gt le lt pvary
     """.split()
 )
 COMPARISONS = frozenset({"eq", "ne", "ge", "gt", "le", "lt"})
 WITH_BODY = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "cond"})
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
+#: Operations that only move the elements of their first operand (concatenate: of
+#: every operand); gather and dynamic_slice only with constant indices.
+MOVERS = frozenset(
+    {
+        "slice",
+        "split",
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "concatenate",
+        "rev",
+        "gather",
+        "dynamic_slice",
+        "pad",
+    }
+)
+_CONSTANT_INDICES = frozenset({"gather", "dynamic_slice"})
 
 
 @dataclasses.dataclass(frozen=True)
 class Reach:
+    """How a source reaches a value: ``ok`` (some kept path), the names of the
+    non-position-preserving operations on the others, and whether a kept path moved
+    elements (an index map must then check it)."""
+
     ok: bool
     bad: frozenset = frozenset()
+    moved: bool = False
 
     def merge(self, other: Reach) -> Reach:
-        return Reach(self.ok or other.ok, self.bad | other.bad)
+        return Reach(self.ok or other.ok, self.bad | other.bad, self.moved or other.moved)
 
     def broken(self, reason: str) -> Reach:
-        return Reach(False, self.bad | {reason})
+        return Reach(False, self.bad | {reason}, self.moved)
+
+    def moving(self) -> Reach:
+        return Reach(self.ok, self.bad, True)
 
 
 def merge(*taints: dict) -> dict:
@@ -54,7 +87,6 @@ def merge(*taints: dict) -> dict:
         for src, reach in taint.items():
             out[src] = out[src].merge(reach) if src in out else reach
     return out
-
 
 
 def _non_unit(shape) -> tuple:
@@ -139,8 +171,20 @@ def _body_taints(jaxpr, in_taints, batched):
     return [read(a) for a in inner.outvars]
 
 
-def _transfer(eqn, in_taints, batched, top_level):
-    """Taints of ``eqn``'s results and the operand positions that must be cut."""
+def _movable(name: str, j: int, taint: dict, constant: frozenset, n_operands: int) -> bool:
+    """Whether operand ``j`` may pass a mover: only ETP outputs, only its moved operand."""
+    if name not in MOVERS or any(src[0] != "y" for src in taint):
+        return False
+    if name in _CONSTANT_INDICES:
+        return j == 0 and all(i in constant for i in range(1, n_operands))
+    return name == "concatenate" or j == 0
+
+
+def _transfer(eqn, in_taints, batched, top_level, constant=frozenset()):
+    """Taints of ``eqn``'s results and the operand positions that must be cut.
+
+    ``constant``: the operand positions known to be compile-time constants.
+    """
     name = eqn.primitive.name
     in_avals = [a.aval for a in eqn.invars]
     out_avals = [v.aval for v in eqn.outvars]
@@ -167,11 +211,16 @@ def _transfer(eqn, in_taints, batched, top_level):
         cut = frozenset(i for t in reach for i, r in t.items() if r.bad or not r.ok)
         outs = []
         for t in reach:
-            outs.append(merge(*(
-                {src: r.broken(name) for src, r in operands[i].items()} if i in cut
-                else operands[i]
-                for i in t
-            )))
+            outs.append(
+                merge(
+                    *(
+                        {src: r.broken(name) for src, r in operands[i].items()}
+                        if i in cut
+                        else operands[i]
+                        for i in t
+                    )
+                )
+            )
         return outs, cut
 
     if name == "stop_gradient":
@@ -185,7 +234,9 @@ def _transfer(eqn, in_taints, batched, top_level):
     cut = set()
     per_input = []
     for j, (taint, keep) in enumerate(zip(in_taints, keeps)):
-        if taint and not keep:
+        if taint and not keep and top_level and _movable(name, j, taint, constant, len(in_taints)):
+            taint = {s: r.moving() for s, r in taint.items()}
+        elif taint and not keep:
             cut.add(j)
             taint = {s: r.broken(name) for s, r in taint.items()}
         per_input.append(taint)
@@ -195,10 +246,13 @@ def _transfer(eqn, in_taints, batched, top_level):
     return [out] * n_out, frozenset(cut)
 
 
-def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> PathInfo:
+def analyse(
+    program: Program, sources: dict, etp_nodes: dict, batched: bool, constants: dict
+) -> PathInfo:
     """Propagate reach from ``sources`` (value id -> source key) through ``program``.
 
-    ``etp_nodes`` maps node index -> op index for the ETP equations.
+    ``etp_nodes`` maps node index -> op index for the ETP equations; ``constants``
+    maps the value ids computable at compile time to their values.
     """
     taints: dict = {vid: {src: Reach(True)} for vid, src in sources.items()}
     cut_nodes: dict = {}
@@ -214,8 +268,9 @@ def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> 
             x_index = registry.get_x_invar_index(prim)
             if x_index is not None and ins[x_index]:
                 if registry.is_gradient_enabled(prim):
-                    outs, cut = _transfer(_ElementwiseView(node.eqn, x_index), [ins[x_index]],
-                                          batched, True)
+                    outs, cut = _transfer(
+                        _ElementwiseView(node.eqn, x_index), [ins[x_index]], batched, True
+                    )
                     for vid, t in zip(node.outputs, outs):
                         taints[vid] = merge(taints.get(vid, {}), t)
                     if cut:
@@ -223,7 +278,10 @@ def analyse(program: Program, sources: dict, etp_nodes: dict, batched: bool) -> 
                 for src in ins[x_index]:
                     into_etp_x.setdefault(src, set()).add(etp_nodes[index])
             continue  # the op's own output is a source, set above
-        outs, cut = _transfer(node.eqn, ins, batched, top_level=True)
+        constant = frozenset(
+            j for j, a in enumerate(node.inputs) if not isinstance(a, int) or a in constants
+        )
+        outs, cut = _transfer(node.eqn, ins, batched, top_level=True, constant=constant)
         if cut:
             cut_nodes[index] = cut
         for vid, t in zip(node.outputs, outs):

@@ -1,6 +1,6 @@
 """Trace a step function and flatten its jaxpr into a list of nodes.
 
-``pjit`` / closed calls / ``checkpoint`` are inlined so ETP equations inside a
+``jax.jit`` / closed calls / ``jax.checkpoint`` are inlined so ETP equations inside a
 jitted helper are visible; ``custom_jvp`` / ``custom_vjp`` calls stay single nodes
 so their custom derivatives (surrogate spikes) are kept when the program is
 evaluated. Values are numbered ``0..n``; a node reads atoms (value ids or
@@ -17,14 +17,18 @@ from jax.extend import core as jcore
 
 from .errors import CompileError
 
-INLINED = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "remat2"})
-LOOPS = frozenset({"scan", "while", "fori_loop"})
+# Call primitives inlined ("pjit" is jax.jit in older JAX; "remat2" is jax.checkpoint).
+INLINED = frozenset({"pjit", "jit", "closed_call", "remat2"})
+LOOPS = frozenset({"scan", "while"})  # lax.fori_loop lowers to one of these
+# "custom_vjp_call_jaxpr" is the name in older JAX.
 CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
 def is_inexact(value) -> bool:
-    """Whether an array, tracer or abstract value has a floating (or complex) dtype."""
+    """Whether an array, tracer, abstract value or jaxpr variable has an inexact dtype."""
     dtype = getattr(value, "dtype", None)
+    if dtype is None and hasattr(value, "aval"):  # a jaxpr variable
+        dtype = getattr(value.aval, "dtype", None)
     return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.inexact)
 
 
@@ -225,4 +229,3 @@ def evaluate(program: Program, args, *, before=None, after=None, forward_mode=Fa
             outvals = after(index, node, invals, list(outvals))
         env.update(zip(node.outputs, outvals))
     return [read(a) for a in program.outputs]
-

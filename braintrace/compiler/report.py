@@ -1,18 +1,35 @@
-"""The compile report: how every parameter will be trained, and why.
+"""The compile report: how every parameter will be trained, and how exact that is.
 
 ``str(report)`` is the plain-text table a user prints first when something does
-not learn; the dataclasses are the structured form tests read.
+not learn; the dataclasses are the structured form tests read. Each parameter has
+a *mode* (``trace``: eligibility traces; ``one-step``: only the one-step reverse
+pass; ``none``: it affects nothing) and a *gradient* class (``exact``,
+``approximate``, ``truncated``; see ``docs/algorithms.md``, "Exactness classes").
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from .analysis import Analysis
+from .exactness import APPROXIMATE, EXACT, TRUNCATED, Verdict, classify
 from .program import is_inexact
+
+__all__ = [
+    "TRACE",
+    "ONE_STEP",
+    "NONE",
+    "EXACT",
+    "APPROXIMATE",
+    "TRUNCATED",
+    "ParamEntry",
+    "GroupEntry",
+    "OpEntry",
+    "CompileReport",
+    "build_report",
+]
 
 TRACE = "trace"
 ONE_STEP = "one-step"
@@ -21,13 +38,32 @@ NONE = "none"
 
 @dataclasses.dataclass(frozen=True)
 class ParamEntry:
-    """How one ``params`` leaf is trained."""
+    """How one ``params`` leaf is trained, and how exact its gradient is.
+
+    Attributes
+    ----------
+    path : str
+        ``keystr`` of the leaf, e.g. ``"['cell']['kernel']"``.
+    shape : tuple
+    dtype : str
+    mode : str
+        ``'trace'`` (eligibility traces), ``'one-step'`` (only the one-step
+        reverse pass) or ``'none'`` (it affects neither hidden state nor output).
+    gradient : str
+        ``'exact'``, ``'approximate'`` or ``'truncated'`` (D-RTRL's summed gradient
+        against BPTT; see ``docs/algorithms.md``, "Exactness classes").
+    groups : tuple
+        Hidden groups whose traces train it (mode ``'trace'``).
+    reason : str
+        Why it is in its class: the op, group or equation at fault.
+    """
 
     path: str
     shape: tuple
     dtype: str
-    mode: str  # 'trace' | 'one-step' | 'none'
-    groups: tuple = ()  # hidden groups whose traces train it (mode 'trace')
+    mode: str
+    gradient: str
+    groups: tuple = ()
     reason: str = ""
 
 
@@ -55,15 +91,34 @@ class OpEntry:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-    """Structured compile report; ``str()`` gives the table."""
+    """Structured compile report; ``str()`` gives the table.
+
+    ``trace_memory`` holds ``(algorithm name, bytes per sample)`` pairs; the
+    compiler leaves it empty and a learner fills it in for its algorithm
+    (``dataclasses.replace``), since trace memory belongs to the algorithm.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from braintrace import ops
+    >>> from braintrace.compiler import compile_graph
+    >>> def step(p, h, x):
+    ...     h = 0.9 * h + ops.dense(jnp.tanh(x @ p['win']), p['w'])
+    ...     return h, h.sum()
+    >>> params = {'w': jnp.zeros((3, 4)), 'win': jnp.zeros((2, 3))}
+    >>> report = compile_graph(step, params, jnp.zeros(4), jnp.zeros(2)).report
+    >>> report.param("['w']").gradient, report.param("['win']").gradient
+    ('exact', 'truncated')
+    >>> [e.path for e in report.truncated]
+    ["['win']"]
+    """
 
     params: tuple
     groups: tuple
     ops: tuple
     ignored_hidden: tuple  # (path, reason)
-    drtrl_bytes_per_sample: int
-    pp_bytes_per_sample: int
     warnings: tuple = ()
+    trace_memory: tuple = ()  # (algorithm name, bytes per sample)
 
     def param(self, path: str) -> ParamEntry:
         """The entry of the parameter whose path is ``path`` (e.g. ``"['w']"``)."""
@@ -73,43 +128,91 @@ class CompileReport:
         known = [p.path for p in self.params]
         raise KeyError(f"no parameter {path!r} in the report; known: {known}")
 
-    def __str__(self) -> str:
-        lines = ["braintrace compile report", "=" * 25]
-        for warning in self.warnings:
-            lines.append(f"!! {warning}")
-        lines.append("")
-        lines.append("parameters")
-        rows = [("path", "shape", "mode", "detail")]
-        for p in self.params:
-            detail = ("groups " + ", ".join(f"#{g}" for g in p.groups)) if p.groups else ""
-            if p.reason:
-                detail = f"{detail}; {p.reason}" if detail else p.reason
-            rows.append((p.path, f"{p.dtype}{list(p.shape)}", p.mode, detail))
-        lines.extend(_table(rows))
-        lines.append("")
-        lines.append("hidden groups")
-        rows = [("group", "leaves", "S", "positions", "note")]
-        for g in self.groups:
-            note = ("D drops: " + "; ".join(g.dropped)) if g.dropped else ""
-            rows.append((f"#{g.index}", ", ".join(g.leaves), str(g.num_states),
-                         str(tuple(g.position_shape)), note))
-        for path, reason in self.ignored_hidden:
-            rows.append(("-", path, "-", "-", reason))
-        lines.extend(_table(rows))
-        lines.append("")
-        lines.append("ETP ops")
-        rows = [("op", "primitive", "trainables", "trace groups", "note")]
-        for op in self.ops:
-            trainables = ", ".join(f"{k}={v}" for k, v in op.trainables.items())
-            groups = ", ".join(f"#{g}" for g in op.groups) or "-"
-            rows.append((f"#{op.index}", op.primitive, trainables, groups, op.note))
-        lines.extend(_table(rows))
-        lines.append("")
+    @property
+    def truncated(self) -> tuple:
+        """The entries whose gradient is ``'truncated'``."""
+        return tuple(p for p in self.params if p.gradient == TRUNCATED)
+
+    def truncation_message(self) -> str | None:
+        """One text naming every truncated leaf and why (``None`` when there is none)."""
+        truncated = self.truncated
+        if not truncated:
+            return None
+        lead = ""
+        if not self.ops:
+            lead = "the step has no ETP op, so nothing is trained by eligibility traces. "
+        count = (
+            "1 parameter leaf reaches the hidden state but has"
+            if len(truncated) == 1
+            else f"{len(truncated)} parameter leaves reach the hidden state but have"
+        )
+        lines = [
+            f"braintrace: {lead}{count} no eligibility trace; each gets only its one-step "
+            "(or in-window) gradient:"
+        ]
+        lines += [
+            f"  {_param_label(p.path)} {p.dtype}{list(p.shape)}: {p.reason}" for p in truncated
+        ]
         lines.append(
-            f"trace memory per sample: D-RTRL {_bytes(self.drtrl_bytes_per_sample)}, "
-            f"pp_prop {_bytes(self.pp_bytes_per_sample)}"
+            "To credit them across steps, train in windows of k steps "
+            "(learner.scan(..., window=k)) or make the layer an ETP layer whose output drives "
+            "the hidden state (docs/algorithms.md, 'Exactness classes')."
         )
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        lines = ["braintrace compile report", "=" * 25]
+        lines += [f"!! {warning}" for warning in self.warnings]
+        for title, rows in (
+            ("parameters", _param_rows(self.params)),
+            ("hidden groups", _group_rows(self.groups, self.ignored_hidden)),
+            ("ETP ops", _op_rows(self.ops)),
+        ):
+            lines += ["", title] + _table(rows)
+        if self.trace_memory:
+            listed = ", ".join(f"{name} {_bytes(n)}" for name, n in self.trace_memory)
+            lines += ["", f"trace memory per sample: {listed}"]
+        return "\n".join(lines)
+
+
+def _param_label(path: str) -> str:
+    return "params" if path == "<root>" else f"params{path}"
+
+
+def _param_rows(params) -> list:
+    rows = [("path", "shape", "mode", "gradient", "detail")]
+    for p in params:
+        detail = ("groups " + ", ".join(f"#{g}" for g in p.groups)) if p.groups else ""
+        if p.reason:
+            detail = f"{detail}; {p.reason}" if detail else p.reason
+        rows.append((p.path, f"{p.dtype}{list(p.shape)}", p.mode, p.gradient, detail))
+    return rows
+
+
+def _group_rows(groups, ignored_hidden) -> list:
+    rows = [("group", "leaves", "S", "positions", "note")]
+    for g in groups:
+        note = ("D drops: " + "; ".join(g.dropped)) if g.dropped else ""
+        rows.append(
+            (
+                f"#{g.index}",
+                ", ".join(g.leaves),
+                str(g.num_states),
+                str(tuple(g.position_shape)),
+                note,
+            )
+        )
+    rows += [("-", path, "-", "-", reason) for path, reason in ignored_hidden]
+    return rows
+
+
+def _op_rows(ops) -> list:
+    rows = [("op", "primitive", "trainables", "trace groups", "note")]
+    for op in ops:
+        trainables = ", ".join(f"{k}={v}" for k, v in op.trainables.items())
+        groups = ", ".join(f"#{g}" for g in op.groups) or "-"
+        rows.append((f"#{op.index}", op.primitive, trainables, groups, op.note))
+    return rows
 
 
 def _bytes(n: int) -> str:
@@ -130,120 +233,94 @@ def _table(rows) -> list[str]:
     return out
 
 
-# -- building the report from a compiled graph -------------------------------------
+# -- building the report from the compiler's analysis ----------------------------------------
 
 
-def _dependencies(program, n_p):
-    """For each value: the set of params leaves it depends on (any path)."""
-    deps: dict = {program.inputs[i]: {i} for i in range(n_p)}
-    for node in program.nodes:
-        acc = set()
-        for a in node.inputs:
-            if isinstance(a, int):
-                acc |= deps.get(a, set())
-        for v in node.outputs:
-            deps[v] = acc
-    return deps
-
-
-def _relation_bytes(graph, relation) -> tuple[int, int]:
-    """(D-RTRL, pp_prop output-side) trace bytes of one relation for one sample."""
-    op = graph.ops[relation.op]
-    g = graph.groups[relation.group]
-    x_var, y_var = op.sample_vars()
-    w_var = {
-        name: jax.ShapeDtypeStruct(graph.program.avals[graph.program.inputs[leaf]].shape,
-                                   graph.program.avals[graph.program.inputs[leaf]].dtype)
-        for name, leaf in op.trainables.items()
-    }
-    drtrl = jax.eval_shape(lambda: op.rules.init_drtrl(x_var, y_var, w_var, g.num_states))
-    pp = jax.eval_shape(lambda: op.rules.init_pp(x_var, y_var, w_var, g.num_states))
-    size = lambda tree: sum(  # noqa: E731
-        int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-        for a in jax.tree_util.tree_leaves(tree)
+def _param_entry(a: Analysis, leaf: int, verdict: Verdict, groups: tuple) -> ParamEntry:
+    aval = a.param_avals[leaf]
+    if groups:
+        mode = TRACE
+    elif verdict.reaches_hidden or verdict.reaches_out:
+        mode = ONE_STEP
+    else:
+        mode = NONE
+    return ParamEntry(
+        path=a.param_paths[leaf] or "<root>",
+        shape=tuple(aval.shape),
+        dtype=jnp.dtype(aval.dtype).name,
+        mode=mode,
+        gradient=verdict.gradient,
+        groups=groups,
+        reason=verdict.reason,
     )
-    return size(drtrl), (size(pp) if op.x_index is not None else size(drtrl))
 
 
-def build_report(graph, program, p_paths, p_leaves, h_paths, h_avals, lead, op_notes,
-                  dropped_coupling, n_p, n_h, out_taint):
-    deps = _dependencies(program, n_p)
-    hidden_out = [a for a in program.outputs[:n_h] if isinstance(a, int)]
-    out_out = [a for a in program.outputs[n_h:] if isinstance(a, int)]
-    reach_hidden = set().union(*(deps.get(a, set()) for a in hidden_out)) if hidden_out else set()
-    reach_out = set().union(*(deps.get(a, set()) for a in out_out)) if out_out else set()
-
+def _param_entries(a: Analysis) -> tuple:
     trace_groups: dict = {}
-    trainable_of: dict = {}
-    for op in graph.ops:
-        groups = [r.group for r in graph.relations_of(op.index)]
-        for leaf in op.trainables.values():
-            trainable_of.setdefault(leaf, []).append(op.index)
-            if groups:
-                trace_groups.setdefault(leaf, set()).update(groups)
-
-    entries = []
-    for i, path in enumerate(p_paths):
-        path = path or "<root>"
-        leaf = p_leaves[i]
-        shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype).name
-        if i in trace_groups:
-            entries.append(ParamEntry(path, shape, dtype, TRACE, tuple(sorted(trace_groups[i]))))
-        elif i in reach_hidden:
-            if i in trainable_of:
-                notes = [n for k in trainable_of[i] for n in op_notes[k]]
-                reason = "ETP op output has no trace: " + ("; ".join(notes) or "no path")
-            else:
-                reason = "not routed through an ETP op (plain jnp): one-step-truncated gradient"
-            entries.append(ParamEntry(path, shape, dtype, ONE_STEP, (), reason))
-        elif i in reach_out:
-            entries.append(ParamEntry(path, shape, dtype, ONE_STEP, (),
-                                      "readout: reaches no hidden state, gradient is exact"))
-        else:
-            entries.append(ParamEntry(path, shape, dtype, NONE, (),
-                                      "affects neither the hidden state nor the output"))
-
-    group_entries = []
-    for g in graph.groups:
-        dropped = sorted(set().union(*(dropped_coupling[i] for i in g.leaves)))
-        group_entries.append(GroupEntry(g.index, g.paths, g.num_states, g.shape[lead:],
-                                        tuple(dropped)))
-    ignored = tuple(
-        (f"hidden{h_paths[i]}", f"{jnp.dtype(a.dtype).name}: not differentiable, ignored")
-        for i, a in enumerate(h_avals) if not is_inexact(a)
+    for r in a.graph.relations:
+        for leaf in a.graph.ops[r.op].trainables.values():
+            trace_groups.setdefault(leaf, set()).add(r.group)
+    return tuple(
+        _param_entry(a, leaf, verdict, tuple(sorted(trace_groups.get(leaf, ()))))
+        for leaf, verdict in enumerate(classify(a))
     )
-    op_entries = tuple(
-        OpEntry(op.index, op.primitive.name, dict(op.paths),
-                tuple(r.group for r in graph.relations_of(op.index)), "; ".join(op_notes[op.index]))
+
+
+def _group_entries(a: Analysis) -> tuple:
+    graph = a.graph
+    lead = 1 if graph.batched else 0
+    return tuple(
+        GroupEntry(
+            g.index,
+            g.paths,
+            g.num_states,
+            g.shape[lead:],
+            tuple(sorted(set().union(*(a.dropped_coupling[i] for i in g.leaves)))),
+        )
+        for g in graph.groups
+    )
+
+
+def _op_entries(a: Analysis) -> tuple:
+    graph = a.graph
+    return tuple(
+        OpEntry(
+            op.index,
+            op.primitive.name,
+            dict(op.paths),
+            tuple(r.group for r in graph.relations_of(op.index)),
+            "; ".join(a.op_notes[op.index]),
+        )
         for op in graph.ops
     )
-    drtrl_bytes = pp_bytes = 0
-    for r in graph.relations:
-        dr, pp = _relation_bytes(graph, r)
-        drtrl_bytes += dr
-        pp_bytes += pp
-    for k in graph.traced_ops:
-        x_var, _ = graph.ops[k].sample_vars()
-        if x_var is not None:
-            pp_bytes += int(np.prod(x_var.shape)) * jnp.dtype(x_var.dtype).itemsize
-    warnings = []
-    if not graph.ops:
-        warnings.append(
-            "NO ETP OP FOUND: nothing is trained by eligibility traces; every parameter gets "
-            "only its one-step-truncated gradient. Use braintrace ops (or the Flax/Equinox "
-            "ETP layers) for the weights that drive the hidden state."
+
+
+def _warnings(a: Analysis) -> tuple:
+    if not a.graph.ops:
+        return (
+            "NO ETP OP FOUND: nothing is trained by eligibility traces; every parameter that "
+            "reaches the hidden state gets only its one-step-truncated gradient. Use braintrace "
+            "ops (or the Flax/Equinox ETP layers) for the weights that drive the hidden state.",
         )
-    elif not graph.relations:
-        warnings.append(
+    if not a.graph.relations:
+        return (
             "no ETP op reaches a hidden state through a position-preserving path: nothing is "
-            "trained by eligibility traces (see the ops' notes)."
+            "trained by eligibility traces (see the ops' notes).",
         )
+    return ()
+
+
+def build_report(analysis: Analysis) -> CompileReport:
+    """The :class:`CompileReport` of a compiled step (made by ``compile_graph``)."""
+    ignored = tuple(
+        (analysis.hidden_label(i), f"{jnp.dtype(a.dtype).name}: not differentiable, ignored")
+        for i, a in enumerate(analysis.graph.hidden_avals)
+        if not is_inexact(a)
+    )
     return CompileReport(
-        params=tuple(entries),
-        groups=tuple(group_entries),
-        ops=op_entries,
+        params=_param_entries(analysis),
+        groups=_group_entries(analysis),
+        ops=_op_entries(analysis),
         ignored_hidden=ignored,
-        drtrl_bytes_per_sample=drtrl_bytes,
-        pp_bytes_per_sample=pp_bytes,
-        warnings=tuple(warnings),
+        warnings=_warnings(analysis),
     )

@@ -6,8 +6,10 @@ import functools
 import inspect
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 
 def as_array(op: str, name: str, value: Any) -> jnp.ndarray:
@@ -71,3 +73,77 @@ def checked_signature(op: str):
         return call
 
     return wrap
+
+
+#: Primitives whose outputs mix array positions (reductions, scans, contractions,
+#: permutations, slicing and gathering, collectives). Any of them in an
+#: "elementwise" map means some output entry reads other entries of the input.
+_POSITION_MIXING = frozenset(
+    """
+    argmax argmin approx_top_k top_k sort cumsum cumprod cummax cummin cumlogsumexp
+    reduce reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor
+    reduce_window reduce_window_sum reduce_window_max reduce_window_min
+    select_and_scatter select_and_scatter_add select_and_gather_add
+    dot_general conv_general_dilated fft transpose rev pad concatenate split tile
+    slice dynamic_slice dynamic_update_slice gather scatter scatter-add scatter-sub
+    scatter-mul scatter-min scatter-max psum pmax pmin ppermute all_gather all_to_all
+    custom_linear_solve
+    """.split()
+)
+
+
+def _sub_jaxprs(params) -> list:
+    found = []
+    for value in params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(sub, ClosedJaxpr):
+                found.append(sub.jaxpr)
+            elif isinstance(sub, Jaxpr):
+                found.append(sub)
+    return found
+
+
+def position_mixing(jaxpr: Jaxpr) -> list[str]:
+    """Names of the position-mixing primitives in ``jaxpr`` (recursively)."""
+    names = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _POSITION_MIXING:
+            names.append(eqn.primitive.name)
+        for sub in _sub_jaxprs(eqn.params):
+            names.extend(position_mixing(sub))
+    return names
+
+
+def check_elementwise(op: str, fn: Any, arg: jax.Array) -> None:
+    """Refuse ``fn`` unless it keeps ``arg``'s shape and mixes no positions.
+
+    A cheap structural guard, not a proof: ``fn`` is traced once per (``fn``, shape,
+    dtype) on an abstract ``arg``, and a shape-preserving map made of per-position
+    primitives (``tanh``, ``logistic``, ``select_n``, ...) is accepted, while one
+    that contains a reduction, a cumulative scan (``cumsum``), a contraction, a
+    permutation or a slice is refused. (A ``lax.scan`` over the weight's entries
+    is not detected.)
+    """
+    try:
+        problem = _elementwise_problem(fn, tuple(arg.shape), np.dtype(arg.dtype))
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        problem = _elementwise_problem.__wrapped__(fn, tuple(arg.shape), np.dtype(arg.dtype))
+    if problem:
+        raise ValueError(f"{op}: fn must be elementwise {problem}")
+
+
+@functools.lru_cache(maxsize=256)
+def _elementwise_problem(fn: Any, shape: tuple, dtype: np.dtype) -> str | None:
+    closed, out = jax.make_jaxpr(fn, return_shape=True)(jax.ShapeDtypeStruct(shape, dtype))
+    if not hasattr(out, "shape") or tuple(out.shape) != shape:
+        got = getattr(out, "shape", type(out).__name__)
+        return f"(same output shape as weight {shape}), got {got}."
+    mixing = sorted(set(position_mixing(closed.jaxpr)))
+    if mixing:
+        return (
+            f"(each output entry a function of the same weight entry only), but it uses "
+            f"{mixing}, which mix positions; apply such maps to the op's output instead."
+        )
+    return None

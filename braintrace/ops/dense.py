@@ -61,35 +61,36 @@ def _sum_lead(h):
     return h.reshape((-1, h.shape[-1])).sum(0)
 
 
-def dense_yw_to_w(hidden_dim, trace, *, weight_layout, has_bias, **_):
-    """Scale a weight-shaped trace along its output axis by ``hidden_dim``."""
-    out_axis = hidden_dim[..., None, :] if weight_layout == "in_out" else hidden_dim[..., :, None]
+def dense_yw_to_w(output_vector, trace, *, weight_layout, has_bias, **_):
+    """Scale a weight-shaped trace along its output axis by ``output_vector``."""
+    v = output_vector
+    out_axis = v[..., None, :] if weight_layout == "in_out" else v[..., :, None]
     scaled = {"weight": trace["weight"] * out_axis}
     if has_bias:
-        scaled["bias"] = trace["bias"] * hidden_dim
+        scaled["bias"] = trace["bias"] * output_vector
     return scaled
 
 
-def dense_xy_to_dw(x, hidden_dim, w, *, weight_layout, has_bias, precision, **_):
-    """VJP of the op w.r.t. ``{'weight', 'bias'}`` at input ``x``, cotangent ``hidden_dim``."""
-    dw = {"weight": _outer(x, hidden_dim, weight_layout, precision).astype(w["weight"].dtype)}
+def dense_xy_to_dw(x, y_cotangent, w, *, weight_layout, has_bias, precision, **_):
+    """VJP of the op w.r.t. ``{'weight', 'bias'}`` at input ``x``, cotangent ``y_cotangent``."""
+    dw = {"weight": _outer(x, y_cotangent, weight_layout, precision).astype(w["weight"].dtype)}
     if has_bias:
-        dw["bias"] = _sum_lead(hidden_dim).astype(w["bias"].dtype)
+        dw["bias"] = _sum_lead(y_cotangent).astype(w["bias"].dtype)
     return dw
 
 
-def _zeros_with_states(lead, var, num_hidden_state):
-    return jnp.zeros(lead + tuple(var.shape) + (num_hidden_state,), var.dtype)
+def _zeros_with_states(lead, var, num_states):
+    return jnp.zeros(lead + tuple(var.shape) + (num_states,), var.dtype)
 
 
-def _init_drtrl(batched, x_var, y_var, weight_var, num_hidden_state):
+def _init_drtrl(batched, x_var, y_var, weight_var, num_states):
     lead = (x_var.shape[0],) if batched else ()
-    return {k: _zeros_with_states(lead, v, num_hidden_state) for k, v in weight_var.items()}
+    return {k: _zeros_with_states(lead, v, num_states) for k, v in weight_var.items()}
 
 
-def init_output_trace(x_var, y_var, weight_var, num_hidden_state):
+def init_output_trace(x_var, y_var, weight_var, num_states):
     """pp_prop's output-side trace: zeros of ``y``'s shape plus a state axis."""
-    return _zeros_with_states((), y_var, num_hidden_state)
+    return _zeros_with_states((), y_var, num_states)
 
 
 etp_mm = register_primitive(
@@ -162,8 +163,9 @@ def dense(
     _checks.check_ndim(_OP, "x", x, (1, 2), "(in,) or (batch, in)")
     _checks.check_ndim(_OP, "weight", weight, (2,), f"2-D ({weight_layout.replace('_', ', ')})")
     n_in, n_out = weight.shape if weight_layout == "in_out" else weight.shape[::-1]
-    _checks.check_dim(_OP, f"x's last axis must match weight's 'in' axis ({weight_layout})",
-                      x.shape[-1], n_in)
+    _checks.check_dim(
+        _OP, f"x's last axis must match weight's 'in' axis ({weight_layout})", x.shape[-1], n_in
+    )
     if bias is not None:
         bias = _checks.as_array(_OP, "bias", bias)
         if bias.shape != (n_out,):

@@ -2,7 +2,9 @@
 
 No input ``x`` (``x_invar_index=None``) and identity-like (``gradient_enabled``):
 a membrane time constant, a gate bias, a threshold. ``fn`` must act elementwise
-(output shape equals ``weight``'s), so the trace is ``weight``'s shape times ``S``.
+(each output entry a function of the same weight entry), so the trace is
+``weight``'s shape times ``S``; :func:`elemwise` refuses a ``fn`` that changes the
+shape or contains a position-mixing primitive (a reduction, ``cumsum``, a slice).
 """
 
 from __future__ import annotations
@@ -29,21 +31,21 @@ def _elemwise_impl(weight, *, fn):
     return fn(weight)
 
 
-def elemwise_yw_to_w(hidden_dim, trace, **_):
+def elemwise_yw_to_w(output_vector, trace, **_):
     """Scale the trace position by position."""
-    return {"weight": trace["weight"] * hidden_dim}
+    return {"weight": trace["weight"] * output_vector}
 
 
-def elemwise_xy_to_dw(x, hidden_dim, w, *, fn):
-    """VJP of ``fn`` at ``w['weight']`` with cotangent ``hidden_dim`` (``x`` is unused)."""
+def elemwise_xy_to_dw(x, y_cotangent, w, *, fn):
+    """VJP of ``fn`` at ``w['weight']`` with cotangent ``y_cotangent`` (``x`` is unused)."""
     del x
     _, vjp = jax.vjp(fn, w["weight"])
-    return {"weight": vjp(hidden_dim.astype(w["weight"].dtype))[0]}
+    return {"weight": vjp(y_cotangent.astype(w["weight"].dtype))[0]}
 
 
-def _init_elemwise_drtrl(x_var, y_var, weight_var, num_hidden_state):
+def _init_elemwise_drtrl(x_var, y_var, weight_var, num_states):
     var = weight_var["weight"]
-    return {"weight": jnp.zeros(tuple(var.shape) + (num_hidden_state,), var.dtype)}
+    return {"weight": jnp.zeros(tuple(var.shape) + (num_states,), var.dtype)}
 
 
 etp_elemwise = register_primitive(
@@ -72,7 +74,9 @@ def elemwise(weight: jax.Array, fn: Callable[[jax.Array], jax.Array] | None = No
     fn : callable, optional
         Elementwise map applied to ``weight`` (identity by default), e.g.
         ``jax.nn.softplus`` to keep a time constant positive. Use a function
-        defined once (not a new lambda per call) so jit caches stay warm.
+        defined once (not a new lambda per call) so jit caches stay warm. A map
+        that mixes positions (``jnp.cumsum``, ``jax.nn.softmax``, ``jnp.flip``)
+        raises ``ValueError``: apply it to the op's output instead.
 
     Returns
     -------
@@ -91,10 +95,5 @@ def elemwise(weight: jax.Array, fn: Callable[[jax.Array], jax.Array] | None = No
         fn = _identity
     if not callable(fn):
         raise TypeError(f"{_OP}: fn must be callable or None, got {type(fn).__name__}.")
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(weight.shape, weight.dtype))
-    if not hasattr(out, "shape") or tuple(out.shape) != tuple(weight.shape):
-        raise ValueError(
-            f"{_OP}: fn must be elementwise (same output shape as weight {tuple(weight.shape)}), "
-            f"got {getattr(out, 'shape', type(out).__name__)}."
-        )
+    _checks.check_elementwise(_OP, fn, weight)
     return etp_elemwise.bind(weight, fn=fn)

@@ -46,31 +46,31 @@ def _trainables(params):
     return names
 
 
-def lora_xy_to_dw(x, hidden_dim, w, *, scale, has_bias, **_):
+def lora_xy_to_dw(x, y_cotangent, w, *, scale, has_bias, **_):
     """VJP of the op w.r.t. ``{'lora_a', 'lora_b', 'bias'}``."""
     a, b = w["lora_a"], w["lora_b"]
     dw = {
-        "lora_a": scale * jnp.einsum("...i,...r->ir", x, hidden_dim @ b.T),
-        "lora_b": scale * jnp.einsum("...r,...k->rk", x @ a, hidden_dim),
+        "lora_a": scale * jnp.einsum("...i,...r->ir", x, y_cotangent @ b.T),
+        "lora_b": scale * jnp.einsum("...r,...k->rk", x @ a, y_cotangent),
     }
     if has_bias:
-        dw["bias"] = _sum_lead(hidden_dim)
+        dw["bias"] = _sum_lead(y_cotangent)
     return {k: v.astype(w[k].dtype) for k, v in dw.items()}
 
 
-def lora_xy_to_trace(x, hidden_dim, w, *, has_bias, **_):
+def lora_xy_to_trace(x, y_cotangent, w, *, has_bias, **_):
     """Instantaneous D-RTRL term on the effective weight (and bias)."""
-    trace = {"weight": _outer(x, hidden_dim, "in_out", None)}
+    trace = {"weight": _outer(x, y_cotangent, "in_out", None)}
     if has_bias:
-        trace["bias"] = _sum_lead(hidden_dim)
+        trace["bias"] = _sum_lead(y_cotangent)
     return trace
 
 
-def lora_yw_to_w(hidden_dim, trace, *, has_bias, **_):
+def lora_yw_to_w(output_vector, trace, *, has_bias, **_):
     """Scale the effective-weight trace along its output axis."""
-    scaled = {"weight": trace["weight"] * hidden_dim[..., None, :]}
+    scaled = {"weight": trace["weight"] * output_vector[..., None, :]}
     if has_bias:
-        scaled["bias"] = trace["bias"] * hidden_dim
+        scaled["bias"] = trace["bias"] * output_vector
     return scaled
 
 
@@ -86,12 +86,12 @@ def lora_trace_to_dw(dtrace, w, *, scale, has_bias, **_):
     return dw
 
 
-def _init_lora_drtrl(batched, x_var, y_var, weight_var, num_hidden_state):
+def _init_lora_drtrl(batched, x_var, y_var, weight_var, num_states):
     a = weight_var["lora_a"]
     eff = {"weight": jax.ShapeDtypeStruct((a.shape[0], y_var.shape[-1]), a.dtype)}
     if "bias" in weight_var:
         eff["bias"] = weight_var["bias"]
-    return _init_drtrl(batched, x_var, y_var, eff, num_hidden_state)
+    return _init_drtrl(batched, x_var, y_var, eff, num_states)
 
 
 etp_lora_mm = register_primitive(
@@ -109,6 +109,16 @@ for _prim, _batched in ((etp_lora_mv, False), (etp_lora_mm, True)):
         xy_to_trace=lora_xy_to_trace,
         trace_to_dw=lora_trace_to_dw,
     )
+
+
+def _static_scale(scale: Any) -> float:
+    try:
+        return float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError) as err:
+        raise TypeError(
+            f"{_OP}: scale must be a static Python float (it is a primitive parameter), "
+            f"got {type(scale).__name__}."
+        ) from err
 
 
 @_checks.checked_signature(_OP)
@@ -182,13 +192,7 @@ def lora(
     )
     if all(a is None or a.dtype == dtype for a in (x, lora_a, lora_b, bias, base_weight)):
         dtype = None  # nothing to cast: keep the equation free of no-op params
-    try:
-        scale = float(scale)
-    except (TypeError, jax.errors.ConcretizationTypeError) as err:
-        raise TypeError(
-            f"{_OP}: scale must be a static Python float (it is a primitive parameter), "
-            f"got {type(scale).__name__}."
-        ) from err
+    scale = _static_scale(scale)
     prim = etp_lora_mv if x.ndim == 1 else etp_lora_mm
     operands = [x, lora_a, lora_b]
     if bias is not None:
@@ -196,6 +200,9 @@ def lora(
     if base_weight is not None:
         operands.append(base_weight)
     return prim.bind(
-        *operands, scale=scale, has_bias=bias is not None, has_base=base_weight is not None,
+        *operands,
+        scale=scale,
+        has_bias=bias is not None,
+        has_base=base_weight is not None,
         dtype=dtype,
     )

@@ -1,8 +1,30 @@
-"""Small models shared by the compiler and algorithm tests.
+"""Tiny step functions with known exactness, for tests and benchmarks.
 
 Every step is ``step(params, hidden, x) -> (new_hidden, out)`` and works for one
-sample (``x`` of shape ``(in,)``) and for a batch (``x`` of shape ``(B, in)``):
-``ops.dense`` binds the unbatched or batched primitive from ``x``'s rank.
+sample (``x`` of shape ``(n_in,)``) and for a batch (``x`` of shape ``(B, n_in)``):
+:func:`braintrace.ops.dense` binds the unbatched or the batched primitive from
+``x``'s rank. Outputs have 2 features, so :func:`mse` against a ``(2,)`` target is
+one sample's loss.
+
+Two families, named after the exactness classes of ``docs/algorithms.md``:
+
+- exact class (hidden neurons driven by external input only): :func:`lif_step`,
+  :func:`lif_lora_step`, :func:`alif_step`. D-RTRL's summed gradient equals BPTT's.
+- approximate class (recurrent weights): :func:`rnn_step`, :func:`gru_step`,
+  :func:`rlif_step`. D-RTRL and pp_prop approximate BPTT.
+
+The default sizes ``N_IN = 3`` inputs and ``N = 4`` neurons keep the tests fast;
+the approximate-class factories take ``n_in`` and ``n`` for benchmarks.
+
+Examples
+--------
+>>> import jax.numpy as jnp
+>>> from braintrace.testing import models
+>>> params = models.lif_params(seed=0)
+>>> hidden = models.hidden_like(("i", "v"), lead=(5,))
+>>> new_hidden, out = models.lif_step(params, hidden, jnp.ones((5, models.N_IN)))
+>>> new_hidden["v"].shape, out.shape
+((5, 4), (5, 2))
 """
 
 from __future__ import annotations
@@ -10,24 +32,41 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from braintrace import ops
+from .. import ops
+from ..surrogate import spike
 
+__all__ = [
+    "N_IN",
+    "N",
+    "spike",
+    "mse",
+    "lif_step",
+    "lif_lora_step",
+    "alif_step",
+    "lif_params",
+    "lora_params",
+    "hidden_like",
+    "rnn_step",
+    "gru_step",
+    "rlif_step",
+    "rnn_params",
+    "gru_params",
+    "rlif_params",
+]
+
+#: Default input features and neurons of the test models.
 N_IN, N = 3, 4
 
 
-@jax.custom_jvp
-def spike(v):
-    """Heaviside spike with a smooth (fast-sigmoid) surrogate derivative."""
-    return (v > 0).astype(v.dtype)
-
-
-@spike.defjvp
-def _spike_jvp(primals, tangents):
-    (v,), (dv,) = primals, tangents
-    return spike(v), dv / (1.0 + 4.0 * jnp.abs(v)) ** 2
-
-
 def mse(out, target):
+    """Summed squared error of ONE sample (the learner vmaps and averages it).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> float(mse(jnp.array([1.0, 2.0]), jnp.zeros(2)))
+    5.0
+    """
     return jnp.sum((out - target) ** 2)
 
 
@@ -35,11 +74,15 @@ def _keys(seed, n):
     return jax.random.split(jax.random.PRNGKey(seed), n)
 
 
-# -- exact class ------------------------------------------------------------------------
+# -- exact class --------------------------------------------------------------------------
 
 
 def lif_step(p, h, x):
-    """2-state LIF: current ``i`` then voltage ``v`` reading this step's ``i``."""
+    """2-state LIF: current ``i``, then voltage ``v`` reading this step's ``i``.
+
+    The readout has two paths (``tanh(v)`` and the spike), both plain ``jnp``.
+    Parameters: :func:`lif_params`; hidden: ``{"i", "v"}``.
+    """
     tau = ops.elemwise(p["tau"], jax.nn.sigmoid)
     i = 0.8 * h["i"] + ops.dense(x, p["w"], p["b"])
     v = tau * h["v"] * (1.0 - spike(h["v"] - 1.0)) + (1.0 - tau) * i
@@ -48,7 +91,11 @@ def lif_step(p, h, x):
 
 
 def lif_lora_step(p, h, x):
-    """The LIF driven by a LoRA op over a frozen base kernel (closed over)."""
+    """The LIF of :func:`lif_step` driven by a LoRA op over a fixed base kernel.
+
+    The base kernel is a constant closed over by the step (not a parameter).
+    Parameters: :func:`lora_params`; hidden: ``{"i", "v"}``.
+    """
     base = jnp.linspace(-0.5, 0.5, N_IN * N, dtype=p["lora_a"].dtype).reshape(N_IN, N)
     tau = ops.elemwise(p["tau"], jax.nn.sigmoid)
     y = ops.lora(x, p["lora_a"], p["lora_b"], p["b"], scale=0.7, base_weight=base)
@@ -58,7 +105,10 @@ def lif_lora_step(p, h, x):
 
 
 def alif_step(p, h, x):
-    """3-state adaptive LIF: current, voltage and adaptation, coupled within the step."""
+    """3-state adaptive LIF: current, voltage and adaptation, coupled within the step.
+
+    Parameters: :func:`lif_params`; hidden: ``{"i", "v", "a"}``.
+    """
     tau = ops.elemwise(p["tau"], jax.nn.sigmoid)
     i = 0.7 * h["i"] + ops.dense(x, p["w"], p["b"])
     v = tau * h["v"] + (1.0 - tau) * i - 0.3 * h["a"]
@@ -68,6 +118,7 @@ def alif_step(p, h, x):
 
 
 def lif_params(seed=0, dtype=jnp.float64):
+    """``{"w" (N_IN, N), "b" (N,), "tau" (N,), "ro" (N, 2)}`` for the LIF models."""
     k = _keys(seed, 3)
     return {
         "w": jax.random.normal(k[0], (N_IN, N), dtype),
@@ -78,6 +129,7 @@ def lif_params(seed=0, dtype=jnp.float64):
 
 
 def lora_params(seed=0, dtype=jnp.float64, rank=2):
+    """``{"lora_a" (N_IN, rank), "lora_b" (rank, N), "b", "tau", "ro"}`` for the LoRA LIF."""
     k = _keys(seed, 4)
     return {
         "lora_a": jax.random.normal(k[0], (N_IN, rank), dtype),
@@ -89,21 +141,28 @@ def lora_params(seed=0, dtype=jnp.float64, rank=2):
 
 
 def hidden_like(names, lead=(), seed=1, dtype=jnp.float64):
+    """A random hidden state ``{name: (*lead, N)}`` (random, so no state starts at 0)."""
     keys = _keys(seed, len(names))
-    return {n: jax.random.normal(k, lead + (N,), dtype) for n, k in zip(names, keys)}
+    return {n: jax.random.normal(k, tuple(lead) + (N,), dtype) for n, k in zip(names, keys)}
 
 
-# -- approximate class -------------------------------------------------------------------
+# -- approximate class --------------------------------------------------------------------
 
 
 def rnn_step(p, h, x):
-    """Tanh RNN whose only recurrence runs through an ETP op (``D = 0``)."""
+    """Tanh RNN whose only recurrence runs through an ETP op (so ``D = 0``).
+
+    Parameters: :func:`rnn_params`; hidden: one array.
+    """
     h = jnp.tanh(ops.dense(x, p["wx"], p["b"]) + ops.dense(h, p["wh"]))
     return h, h @ p["ro"]
 
 
 def gru_step(p, h, x):
-    """GRU from ETP dense ops (Flax's convention ``h' = (1 - z) n + z h``)."""
+    """GRU from ETP dense ops (Flax's convention ``h' = (1 - z) n + z h``).
+
+    Parameters: :func:`gru_params`; hidden: one array.
+    """
     r = jax.nn.sigmoid(ops.dense(x, p["wir"], p["br"]) + ops.dense(h, p["whr"]))
     z = jax.nn.sigmoid(ops.dense(x, p["wiz"], p["bz"]) + ops.dense(h, p["whz"]))
     n = jnp.tanh(ops.dense(x, p["win"], p["bn"]) + r * ops.dense(h, p["whn"], p["bhn"]))
@@ -112,7 +171,10 @@ def gru_step(p, h, x):
 
 
 def rlif_step(p, h, x):
-    """Recurrent LIF: input and recurrent spikes through ETP dense ops."""
+    """Recurrent LIF: input and recurrent spikes through ETP dense ops.
+
+    Parameters: :func:`rlif_params`; hidden: ``{"i", "v"}``.
+    """
     tau = ops.elemwise(p["tau"], jax.nn.sigmoid)
     s_prev = spike(h["v"] - 1.0)
     i = 0.8 * h["i"] + ops.dense(x, p["w"], p["b"]) + ops.dense(s_prev, p["wr"])
@@ -121,6 +183,7 @@ def rlif_step(p, h, x):
 
 
 def rnn_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
+    """``{"wx", "wh", "b", "ro"}`` for :func:`rnn_step` (recurrent gain 0.9)."""
     k = _keys(seed, 4)
     return {
         "wx": jax.random.normal(k[0], (n_in, n), dtype) / jnp.sqrt(n_in),
@@ -131,6 +194,7 @@ def rnn_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
 
 
 def gru_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
+    """Input kernels ``wi{r,z,n}``, recurrent ``wh{r,z,n}``, biases and ``ro``."""
     k = _keys(seed, 8)
     sx, sh = 1.0 / jnp.sqrt(n_in), 1.0 / jnp.sqrt(n)
     p = {}
@@ -144,6 +208,7 @@ def gru_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
 
 
 def rlif_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
+    """``{"w", "b", "wr", "tau", "ro"}`` for :func:`rlif_step`."""
     k = _keys(seed, 3)
     return {
         "w": jax.random.normal(k[0], (n_in, n), dtype) * 2.0 / jnp.sqrt(n_in),

@@ -1,0 +1,119 @@
+"""D-RTRL for one relation (an op and a hidden group it drives), shared by the algorithms.
+
+For a relation with per-position state Jacobian ``D`` and ``D_f = dh/dy``, one
+sample's trace is updated as
+
+    eps^t[a] = sum_c yw_to_w(D^t[..., a, c], eps^{t-1}[c]) + xy_to_trace(x^t, D_f^t[..., a])
+
+and contracted with a learning signal ``g`` as
+``trace_to_dw(sum_a yw_to_w(g[..., a], eps[a]))`` (``docs/algorithms.md``, "D-RTRL").
+``D_RTRL`` uses it for every relation; ``pp_prop`` for ops without an input, whose
+exact trace is already output-sized.
+
+Storage: the rules speak of traces with a trailing state axis; here a relation's
+trace is a tuple of ``S`` trees shaped ``(*lead, *trace_shape)``, one per state. Each
+is contiguous, so every update and contraction is one plain fused loop (a trailing
+state axis made XLA emit strided copies).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from ..compiler.graph import ETPGraph, Relation
+from .wiring import (
+    add_into,
+    op_weights,
+    per_sample,
+    sum_lead,
+    to_outputs,
+    weight_structs,
+    with_lead,
+)
+
+__all__ = ["init_relation", "credit_relation", "update_relation", "contract"]
+
+_tree_map = jax.tree_util.tree_map
+#: Largest batch contracted by an unrolled sum of per-sample blocks.
+_UNROLL = 64
+
+
+def _add(u, v):
+    return _tree_map(lambda a, b: a + b.astype(a.dtype), u, v)
+
+
+def init_relation(graph: ETPGraph, relation: Relation, param_leaves: list, dtype=None) -> tuple:
+    """Zero trace of one relation: one ``(*lead, *trace_shape)`` tree per state.
+
+    ``dtype`` overrides the storage dtype the op's ``init_drtrl`` rule chose.
+    """
+    op = graph.ops[relation.op]
+    x_var, y_var = op.sample_vars()
+    w_var = weight_structs(graph, relation.op, param_leaves)
+    num_states = graph.groups[relation.group].num_states
+    trace = with_lead(graph, relation, op.rules.init_drtrl(x_var, y_var, w_var, num_states))
+    if dtype is not None:
+        trace = _tree_map(lambda t: t.astype(dtype), trace)
+    return tuple(_tree_map(lambda t, a=a: t[..., a], trace) for a in range(num_states))
+
+
+def _batch_may_be_split() -> bool:
+    """Whether a mesh is current (``jax.set_mesh``): the batch may be split over devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
+
+
+def contract(rules, relation: Relation, signal, trace):
+    """``sum_b yw_to_w(signal[b], trace[b])`` for one state (``b`` the leading axis)."""
+    if not relation.lead:
+        return rules.yw_to_w(signal, trace)
+    # Per-sample slices would move a split batch between devices: reduce it instead.
+    if signal.shape[0] <= _UNROLL and not _batch_may_be_split():
+        # One fused pass over the trace: each sample's block is scaled and added,
+        # instead of materialising every product before a (slow on CPU) reduction.
+        terms = (
+            rules.yw_to_w(signal[b], _tree_map(lambda t, b=b: t[b], trace))
+            for b in range(signal.shape[0])
+        )
+        return functools.reduce(_add, terms)
+    return sum_lead(jax.vmap(rules.yw_to_w)(signal, trace), relation)
+
+
+def credit_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, signal, grads):
+    """Add ``<signal, trace>`` for one relation into ``grads`` (by params leaf).
+
+    ``signal`` is ``dL/dh`` of the relation's group, stacked on a trailing state axis.
+    """
+    op = graph.ops[relation.op]
+    signal = to_outputs(graph, relation, signal)
+    dtrace = functools.reduce(
+        _add, (contract(op.rules, relation, signal[..., a], t) for a, t in enumerate(trace))
+    )
+    w = op_weights(graph, relation.op, param_leaves)
+    add_into(grads, op.trainables, op.rules.trace_to_dw(dtrace, w))
+
+
+def update_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, parts) -> tuple:
+    """One step of the D-RTRL recursion for one relation."""
+    op = graph.ops[relation.op]
+    w = op_weights(graph, relation.op, param_leaves)
+    x = parts.xs[relation.op]
+    scale = per_sample(op.rules.yw_to_w, relation, (0, 0))
+    x_axis = 0 if (x is not None and op.batched) else None
+    fresh = per_sample(lambda x_, df_: op.rules.xy_to_trace(x_, df_, w), relation, (x_axis, 0))
+    d, df = to_outputs(graph, relation, parts.d[relation.group]), parts.df[relation.index]
+    num_states = len(trace)
+
+    def new_state(a):
+        # Accumulate in the factors' precision; store in the trace's dtype.
+        total = functools.reduce(
+            _add,
+            (scale(d[..., a, c], trace[c]) for c in range(num_states)),
+            fresh(x, df[..., a]),
+        )
+        return _tree_map(lambda new, old: new.astype(old.dtype), total, trace[a])
+
+    # States are few (1-3), so the recursion is unrolled over them.
+    return tuple(new_state(a) for a in range(num_states))
