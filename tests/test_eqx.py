@@ -499,20 +499,16 @@ def _gru_case():
     return net, hidden, xs, targets, eqx.filter_grad(total)(ref_net)
 
 
-def test_etp_gru_readout_gradient_is_exact():
+def test_etp_gru_readout_is_exact_and_the_cell_aligns_with_bptt():
+    """Equinox's own tree; the readout exact; the cell's recurrent weights approximate
+    (close to BPTT, and better than the one-step gradient that the fused kernels would
+    get without index maps)."""
     net, hidden, xs, targets, ref = _gru_case()
     _, grads, _ = _run(net, bt.D_RTRL(), hidden, xs, targets)
     # Gradients have Equinox's own cell tree: same names, shapes and order.
     assert list(_leaves_with_paths(grads.cell)) == list(_leaves_with_paths(ref.cell))
     for path in (".readout.weight", ".readout.bias"):
         assert _rel_err(_leaves_with_paths(grads)[path], _leaves_with_paths(ref)[path]) < 1e-10
-
-
-def test_etp_gru_gradient_aligns_with_bptt():
-    """Approximate class (recurrent weights): D-RTRL is close to BPTT, and beats the
-    one-step gradient (what the fused kernels would get without index maps)."""
-    net, hidden, xs, targets, ref = _gru_case()
-    _, grads, _ = _run(net, bt.D_RTRL(), hidden, xs, targets)
     _, one_step, _ = _run(net, bt.OneStep(), hidden, xs, targets)
     flat = lambda g: jnp.concatenate([jnp.ravel(a) for a in _tree.tree_leaves(g.cell)])  # noqa: E731
     cos = lambda a, b: float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))  # noqa: E731

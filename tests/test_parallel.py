@@ -261,6 +261,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(two_devices):
         assert "3 samples" in message and "multiple of 2" in message, message
 
 
+@pytest.mark.slow  # the sharded-scan tests above check the same route in the default run
 def test_the_example_on_two_cpu_devices():
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "data_parallel.py"), "--cpu-devices", "2"],

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from .base import Algorithm
-from .relation import credit_relation, init_relation, update_relation
+from .relation import credit_relation, init_relation, materialised, update_relation
 
 __all__ = ["D_RTRL", "DRTRLTraces"]
 
@@ -74,6 +74,7 @@ class D_RTRL(Algorithm):
         return grads
 
     def update(self, graph, param_leaves, traces, parts, count) -> DRTRLTraces:
+        parts = materialised(parts, count)
         return DRTRLTraces(
             tuple(
                 update_relation(graph, r, param_leaves, trace, parts)

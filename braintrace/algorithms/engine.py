@@ -11,6 +11,7 @@ pass differentiates and, alongside, the ``x``, ``D`` and ``D_f`` the traces need
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -102,14 +103,30 @@ def _reverse_pass(problem: Problem, params, hidden, xs, targets, single: bool):
     return aux, grads, signal
 
 
-def _add_credit(problem: Problem, p_leaves, grads: list, signal: list, state) -> list:
+def _add_credit(problem: Problem, p_leaves, grads: list, signal: list, state) -> tuple:
+    """``(grads + credit, credit)``: the trace credit added to the reverse pass's gradients."""
     graph = problem.graph
     signals = {g: stack_group(graph, g, signal) for g in {r.group for r in graph.relations}}
     credit = problem.algorithm.credit(graph, p_leaves, state.traces, signals, state.count)
     grads = list(grads)
     for leaf, value in credit.items():
         grads[leaf] = grads[leaf] + value.astype(grads[leaf].dtype)
-    return grads
+    return grads, credit
+
+
+def _after(credit: dict, traces):
+    """``traces`` made to depend on ``credit``: read by the credit first, then updated.
+
+    Without a data edge XLA cannot tell that the credit (which reads the old traces)
+    runs before the update (which overwrites them), and copies every trace each step
+    to keep both safe. Adding a zero computed from the credit (``isnan * 0``: a zero
+    even when the credit is not finite) orders them and fuses into the update.
+    """
+    flags = [jnp.isnan(v.ravel()[0]) for v in jax.tree_util.tree_leaves(credit)]
+    if not flags:
+        return traces
+    zero = functools.reduce(jnp.logical_or, flags).astype(jnp.float32) * 0.0
+    return jax.tree_util.tree_map(lambda t: t + zero.astype(t.dtype), traces)
 
 
 def _advance(problem: Problem, p_leaves, state, parts, single: bool):
@@ -136,7 +153,8 @@ def run_window(problem: Problem, params, state: LearnerState, xs, targets, singl
         steps = 1 if single else jax.tree_util.tree_leaves(xs)[0].shape[0]
         traces, count = state.traces, state.count + steps
     else:
-        grads = _add_credit(problem, p_leaves, grads, signal, state)
+        grads, credit = _add_credit(problem, p_leaves, grads, signal, state)
+        state = state._replace(traces=_after(credit, state.traces))
         traces, count = _advance(problem, p_leaves, state, parts, single)
     grads = jax.tree_util.tree_unflatten(treedef, grads)
     return (losses, outs), grads, LearnerState(h_end, traces, count)

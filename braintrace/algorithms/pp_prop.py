@@ -11,6 +11,7 @@ parameters) keeps the exact D-RTRL trace, which is already output-sized.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -81,6 +82,20 @@ def _init_inputs(graph) -> tuple:
 def _broadcast_count(value, like):
     """A per-sample (or scalar) factor reshaped to broadcast against ``like``."""
     return value.reshape(value.shape + (1,) * (jnp.ndim(like) - value.ndim))
+
+
+def _propagate(d, epsf):
+    """``sum_c d[..., a, c] * epsf[..., c]``, unrolled over the (1-3) states.
+
+    Elementwise products fuse with the rest of the update; an einsum over so short
+    an axis lowers to a slow batched dot on CPU.
+    """
+    states = epsf.shape[-1]
+    rows = [
+        functools.reduce(jnp.add, (d[..., a, c] * epsf[..., c] for c in range(states)))
+        for a in range(states)
+    ]
+    return jnp.stack(rows, axis=-1)
 
 
 class ES_D_RTRL(Algorithm):
@@ -159,14 +174,30 @@ class ES_D_RTRL(Algorithm):
             ghat = (to_outputs(graph, r, signals[r.group]) * epsf).sum(-1)
             ghat = ghat * _broadcast_count(self._correction(count, ghat.dtype), ghat)
             w = op_weights(graph, r.op, param_leaves)
-            add_into(grads, op.trainables, self._factorised_dw(graph, op, traces, ghat, w))
+            epsx = traces.inputs[op.index]
             if self.alpha_x:
-                add_into(grads, op.trainables, self._input_free_part(op, r, ghat, w, count))
+                epsx, ghat = self._bias_scaled(epsx, ghat, count)
+            add_into(grads, op.trainables, self._factorised_dw(graph, op, epsx, ghat, w))
         return grads
 
-    def _factorised_dw(self, graph, op, traces, ghat, w) -> dict:
+    def _bias_scaled(self, epsx, ghat, count):
+        """``(epsx / e_n, ghat * e_n)``: input-free trainables get their own input trace.
+
+        A bias is a weight on a constant input 1, whose input trace after ``n``
+        updates is ``e_n = sum_{j<n} alpha_x^j``, while ``xy_to_dw`` at ``epsx`` gives
+        such trainables the factor 1. ``xy_to_dw`` is bilinear in ``(x, g)`` for the
+        weights and linear in ``g`` for the input-free part, so scaling each sample's
+        ``x`` by ``1 / e_n`` and its ``g`` by ``e_n`` keeps the weights' gradient and
+        gives the bias its ``e_n`` in the same call: a bias and a constant-1 input
+        column train identically (as they do under D-RTRL and BPTT).
+        """
+        n = jnp.maximum(count, 1).astype(epsx.dtype)
+        alpha = jnp.asarray(self.alpha_x, epsx.dtype)
+        e_n = (1.0 - alpha**n) / (1.0 - alpha)  # >= 1
+        return epsx / _broadcast_count(e_n, epsx), ghat * _broadcast_count(e_n, ghat)
+
+    def _factorised_dw(self, graph, op, epsx, ghat, w) -> dict:
         """``xy_to_dw(epsx, ghat)`` summed over samples."""
-        epsx = traces.inputs[op.index]
         if op.batched:
             # The op's own VJP rule sums over its batch axis.
             rule = registry.get_rule(op.primitive, "xy_to_dw")
@@ -175,26 +206,6 @@ class ES_D_RTRL(Algorithm):
             per = jax.vmap(lambda e, g: op.rules.xy_to_dw(e, g.astype(e.dtype), w))(epsx, ghat)
             return jax.tree_util.tree_map(lambda a: a.sum(0), per)
         return op.rules.xy_to_dw(epsx, ghat.astype(epsx.dtype), w)
-
-    def _input_free_part(self, op, relation, ghat, w, count) -> dict:
-        """Give the op's input-free trainables (a bias) their own input-side trace.
-
-        A bias is a weight on a constant input 1, whose input trace after ``n``
-        updates is ``e_n = sum_{j<n} alpha_x^j``; ``xy_to_dw`` at ``epsx`` gives such
-        trainables the factor 1 instead. Their part of the VJP is the VJP at
-        ``x = 0``, so adding ``(e_n - 1)`` times it makes a bias and a constant-1
-        input column train identically (as they do under D-RTRL and BPTT).
-        """
-        x_var, _ = op.sample_vars()
-        n = jnp.maximum(count, 1).astype(x_var.dtype)
-        alpha = jnp.asarray(self.alpha_x, x_var.dtype)
-        factor = (1.0 - alpha**n) / (1.0 - alpha) - 1.0
-        cotangent = ghat * _broadcast_count(factor, ghat)
-        if relation.lead:
-            cotangent = cotangent.sum(0)
-        return op.rules.xy_to_dw(
-            jnp.zeros(x_var.shape, x_var.dtype), cotangent.astype(x_var.dtype), w
-        )
 
     def update(self, graph, param_leaves, traces, parts, count) -> PPTraces:
         inputs = tuple(
@@ -207,7 +218,7 @@ class ES_D_RTRL(Algorithm):
                 outputs.append(update_relation(graph, r, param_leaves, epsf, parts))
                 continue
             d, df = to_outputs(graph, r, parts.d[r.group]), parts.df[r.index]
-            propagated = jnp.einsum("...ac,...c->...a", d, epsf)
+            propagated = _propagate(d, epsf)
             new = self.alpha_f * propagated + (1.0 - self.alpha_f) * df
             outputs.append(new.astype(epsf.dtype))
         return PPTraces(inputs, tuple(outputs))

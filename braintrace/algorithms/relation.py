@@ -21,7 +21,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
+from .. import registry
 from ..compiler.graph import ETPGraph, Relation
 from .wiring import (
     add_into,
@@ -33,11 +36,15 @@ from .wiring import (
     with_lead,
 )
 
-__all__ = ["init_relation", "credit_relation", "update_relation", "contract"]
+__all__ = [
+    "init_relation",
+    "credit_relation",
+    "update_relation",
+    "contract",
+    "materialised",
+]
 
 _tree_map = jax.tree_util.tree_map
-#: Largest batch contracted by an unrolled sum of per-sample blocks.
-_UNROLL = 64
 
 
 def _add(u, v):
@@ -70,14 +77,15 @@ def contract(rules, relation: Relation, signal, trace):
     if not relation.lead:
         return rules.yw_to_w(signal, trace)
     # Per-sample slices would move a split batch between devices: reduce it instead.
-    if signal.shape[0] <= _UNROLL and not _batch_may_be_split():
-        # One fused pass over the trace: each sample's block is scaled and added,
-        # instead of materialising every product before a (slow on CPU) reduction.
-        terms = (
-            rules.yw_to_w(signal[b], _tree_map(lambda t, b=b: t[b], trace))
-            for b in range(signal.shape[0])
-        )
-        return functools.reduce(_add, terms)
+    if jax.default_backend() == "cpu" and not _batch_may_be_split():
+        # On a CPU, a loop over the samples reads each one's (cache-sized) block once
+        # and accumulates; a reduction over the leading axis strides across them all.
+        def add_sample(b, total):
+            block = _tree_map(lambda t: lax.dynamic_index_in_dim(t, b, keepdims=False), trace)
+            return _add(total, rules.yw_to_w(signal[b], block))
+
+        first = rules.yw_to_w(signal[0], _tree_map(lambda t: t[0], trace))
+        return lax.fori_loop(1, signal.shape[0], add_sample, first)
     return sum_lead(jax.vmap(rules.yw_to_w)(signal, trace), relation)
 
 
@@ -95,12 +103,38 @@ def credit_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, si
     add_into(grads, op.trainables, op.rules.trace_to_dw(dtrace, w))
 
 
+def _scaler(op, relation: Relation):
+    """``yw_to_w`` over the relation's samples.
+
+    A batched op's own rule already maps its leading batch axis, so it is called on
+    the whole batch: mapping one-sample batches adds unit axes that keep XLA from
+    updating the trace in place (it then copies the trace every step).
+    """
+    if op.batched and relation.lead:
+        rule = registry.get_rule(op.primitive, "yw_to_w")
+        return functools.partial(rule, **op.params)
+    return per_sample(op.rules.yw_to_w, relation, (0, 0))
+
+
+def materialised(parts, count):
+    """``parts`` computed once, before the weight-sized trace updates read them.
+
+    Left to XLA's fusion, the elementwise chains behind ``D`` and ``D_f`` (small, per
+    neuron) are inlined into each trace-sized update and recomputed for every trace
+    element; ``optimization_barrier`` does not stop that on CPU. A conditional does:
+    its predicate, ``(count | 1) != 0``, is always true, but not provably so to XLA.
+    """
+    always = (jnp.ravel(count)[0] | 1) != 0
+    zeros = _tree_map(jnp.zeros_like, parts)
+    return lax.cond(always, lambda p: p, lambda p: zeros, parts)
+
+
 def update_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, parts) -> tuple:
     """One step of the D-RTRL recursion for one relation."""
     op = graph.ops[relation.op]
     w = op_weights(graph, relation.op, param_leaves)
     x = parts.xs[relation.op]
-    scale = per_sample(op.rules.yw_to_w, relation, (0, 0))
+    scale = _scaler(op, relation)
     x_axis = 0 if (x is not None and op.batched) else None
     fresh = per_sample(lambda x_, df_: op.rules.xy_to_trace(x_, df_, w), relation, (x_axis, 0))
     d, df = to_outputs(graph, relation, parts.d[relation.group]), parts.df[relation.index]
