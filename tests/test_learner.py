@@ -122,14 +122,14 @@ def test_window_of_one_is_the_per_step_learner(algo):
 
 
 def test_scan_windows_are_consecutive_windows_with_a_short_last_one():
-    step, params, hidden, xs, targets = _setup("gru")
+    step, params, hidden, xs, targets = _setup("rnn")
     learner, state = _learner(step, bt.D_RTRL(), params, hidden, xs[0])
     (losses, outs), grads, final = jax.jit(lambda *a: learner.scan(*a, window=3))(
         params, state, xs, targets
     )
-    acc, st = jax.tree_util.tree_map(jnp.zeros_like, params), state
+    acc, st, window = jax.tree_util.tree_map(jnp.zeros_like, params), state, jax.jit(learner.window)
     for start in (0, 3, 6):  # T = 7: windows of 3, 3 and 1
-        _, g, st = learner.window(params, st, xs[start : start + 3], targets[start : start + 3])
+        _, g, st = window(params, st, xs[start : start + 3], targets[start : start + 3])
         acc = jax.tree_util.tree_map(jnp.add, acc, g)
     for name in params:
         assert rel_err(grads[name], acc[name]) <= 1e-12
@@ -185,7 +185,7 @@ def _temp_bytes(learner, params, state, t, window):
 
 
 def test_window_memory_does_not_grow_with_t():
-    step, params, hidden, xs, _ = _setup("rlif")
+    step, params, hidden, xs, _ = _setup("rnn")
     learner, state = _learner(step, bt.D_RTRL(), params, hidden, xs[0])
     # 2001 is not a multiple of the window: the short last window must not copy the rest.
     short, long = (_temp_bytes(learner, params, state, t, 16) for t in (200, 2001))
@@ -246,13 +246,13 @@ def test_reset_never_lets_nan_through_and_keeps_other_samples_bit_identical():
     targets = jnp.zeros((4, B, 2))
     for algo in (bt.D_RTRL(), bt.pp_prop(0.7)):
         learner, state = _learner(M.lif_step, algo, params, hidden, xs[0])
-        _, _, poisoned = learner.scan(params, state, xs, targets)
+        _, _, poisoned = jax.jit(learner.scan)(params, state, xs, targets)
         assert any(bool(jnp.isnan(a[0]).any()) for a in jax.tree_util.tree_leaves(poisoned))
-        clean = learner.reset(poisoned, jnp.array([True, False, False]))
+        clean = jax.jit(learner.reset)(poisoned, jnp.array([True, False, False]))
         for new, old in zip(jax.tree_util.tree_leaves(clean), jax.tree_util.tree_leaves(poisoned)):
             assert bool(jnp.isfinite(new[0]).all())
             np.testing.assert_array_equal(new[1:], old[1:])  # bit-identical, NaN-free or not
-        (loss, _), grads, after = learner.step(params, clean, xs[0], targets[0])
+        (loss, _), grads, after = jax.jit(learner.step)(params, clean, xs[0], targets[0])
         assert bool(jnp.isfinite(loss))
         for leaf in jax.tree_util.tree_leaves((grads, after)):
             assert bool(jnp.isfinite(leaf).all())

@@ -122,7 +122,7 @@ def _after(credit: dict, traces):
     to keep both safe. Adding a zero computed from the credit (``isnan * 0``: a zero
     even when the credit is not finite) orders them and fuses into the update.
     """
-    flags = [jnp.isnan(v.ravel()[0]) for v in jax.tree_util.tree_leaves(credit)]
+    flags = [jnp.isnan(v.ravel()[0]) for v in jax.tree_util.tree_leaves(credit) if v.size]
     if not flags:
         return traces
     zero = functools.reduce(jnp.logical_or, flags).astype(jnp.float32) * 0.0

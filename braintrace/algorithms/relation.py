@@ -123,7 +123,11 @@ def materialised(parts, count):
     neuron) are inlined into each trace-sized update and recomputed for every trace
     element; ``optimization_barrier`` does not stop that on CPU. A conditional does:
     its predicate, ``(count | 1) != 0``, is always true, but not provably so to XLA.
+    Other backends keep the fusion (recomputing there is cheaper than a conditional,
+    whose predicate a GPU reads back to the host).
     """
+    if jax.default_backend() != "cpu":
+        return parts
     always = (jnp.ravel(count)[0] | 1) != 0
     zeros = _tree_map(jnp.zeros_like, parts)
     return lax.cond(always, lambda p: p, lambda p: zeros, parts)
