@@ -16,7 +16,6 @@ an optimizer state or ``eqx.tree_at`` path of the Equinox cell fits the ETP cell
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import equinox as eqx
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from braintrace import ops
-from braintrace.surrogate import spike
+from braintrace.surrogate import decay_logit, lif_step, spike
 
 from ._util import check_input, promote, rebuild
 from .layers import ETPElemwise, ETPLinear
@@ -275,10 +274,8 @@ class ETPLIFCell(eqx.Module):
         key: Array,
     ):
         where = f"braintrace_eqx.ETPLIFCell({input_size}, {hidden_size})"
-        if not 0.0 < mem_decay < 1.0:
-            raise ValueError(f"{where}: mem_decay must be in (0, 1), got {mem_decay!r}.")
+        logit = decay_logit(mem_decay, where)
         self.linear = ETPLinear(input_size, hidden_size, use_bias, dtype, key=key)
-        logit = math.log(mem_decay / (1.0 - mem_decay))
         self.decay = ETPElemwise(
             jnp.full((hidden_size,), logit, self.linear.weight.dtype), jax.nn.sigmoid
         )
@@ -300,10 +297,15 @@ class ETPLIFCell(eqx.Module):
             self.hidden_size,
         )
         v, i = hidden
-        i = self.syn_decay * i + self.linear(input)
-        a = self.decay.elem()
-        v = a * v * (1.0 - spike(v - self.threshold, self.slope)) + (1.0 - a) * i
-        return (v, i)
+        return lif_step(
+            v,
+            i,
+            self.linear(input),
+            self.decay.elem(),
+            syn_decay=self.syn_decay,
+            threshold=self.threshold,
+            slope=self.slope,
+        )
 
     def spike(self, hidden: tuple[Array, Array]) -> Array:
         """The spikes ``s = spike(v - threshold)`` of a state ``(v, i)``: the cell's output."""

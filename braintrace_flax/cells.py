@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from braintrace.surrogate import spike
+from braintrace.surrogate import decay_logit, lif_step, spike
 
 from .layers import ETPDense, ETPElemwise, autoname_like
 
@@ -122,8 +121,7 @@ class ETPLIFCell(nn.RNNCellBase):
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], inputs: Array):
         """One step: ``((v_t, i_t), s_t)``."""
-        if not 0.0 < self.mem_decay < 1.0:
-            raise ValueError(f"ETPLIFCell: mem_decay must be in (0, 1), got {self.mem_decay!r}.")
+        logit = decay_logit(self.mem_decay, "ETPLIFCell")
         v, i = carry
         drive = ETPDense(
             self.features,
@@ -134,7 +132,6 @@ class ETPLIFCell(nn.RNNCellBase):
             bias_init=self.bias_init,
             name="linear",
         )(inputs)
-        logit = math.log(self.mem_decay / (1.0 - self.mem_decay))
         a = ETPElemwise(
             (self.features,),
             nn.initializers.constant(logit),
@@ -142,8 +139,9 @@ class ETPLIFCell(nn.RNNCellBase):
             self.param_dtype,
             name="decay",
         )()
-        i = self.syn_decay * i + drive
-        v = a * v * (1.0 - spike(v - self.threshold, self.slope)) + (1.0 - a) * i
+        v, i = lif_step(
+            v, i, drive, a, syn_decay=self.syn_decay, threshold=self.threshold, slope=self.slope
+        )
         return (v, i), spike(v - self.threshold, self.slope)
 
     @nn.nowrap

@@ -112,12 +112,7 @@ def train(algorithm: str, data, args, progress: tqdm) -> dict:
     params = model.init(jax.random.key(args.seed), h0, x0)["params"]
     if args.verbose:
         tqdm.write(str(learner.report(params, h0, x0)))  # how every parameter is trained
-    # Cosine decay: large steps early, small ones late, so the last epoch's accuracy
-    # is not at the mercy of one noisy mini-batch.
-    total_updates = args.epochs * common.batches_per_epoch(
-        len(x_train), args.batch_size, args.max_batches
-    )
-    opt = optax.adam(optax.cosine_decay_schedule(args.lr, total_updates))
+    opt = common.digits_adam(args, len(x_train))
     opt_state = opt.init(params)
 
     @jax.jit

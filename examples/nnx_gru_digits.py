@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -94,11 +93,7 @@ def train(algorithm: str, data, args, progress: tqdm) -> dict:
     x0 = jnp.zeros((args.batch_size, x_train.shape[-1]), jnp.float32)
     if args.verbose:
         tqdm.write(str(learner.report(model, h0, x0)))  # how every Param is trained
-    total_updates = args.epochs * common.batches_per_epoch(
-        len(x_train), args.batch_size, args.max_batches
-    )
-    # Cosine decay, as in the linen example: large steps early, small ones late.
-    tx = optax.adam(optax.cosine_decay_schedule(args.lr, total_updates))
+    tx = common.digits_adam(args, len(x_train))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

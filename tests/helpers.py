@@ -17,6 +17,20 @@ F32, F64 = jnp.float32, jnp.float64
 TOL = {np.dtype(F32): dict(rtol=1e-5, atol=1e-5), np.dtype(F64): dict(rtol=1e-12, atol=1e-12)}
 
 
+def mse(out, target):
+    """Per-sample squared error (the loss of the face tests)."""
+    return jnp.sum((out - target) ** 2)
+
+
+def leaves(tree) -> list:
+    return jax.tree_util.tree_leaves(tree)
+
+
+def flat(tree):
+    """Every leaf of ``tree`` raveled into one vector."""
+    return jnp.concatenate([jnp.ravel(a) for a in leaves(tree)])
+
+
 def collect_primitives(jaxpr) -> list:
     """All primitives of ``jaxpr``, walking nested (closed) jaxprs in eqn params."""
     if isinstance(jaxpr, ClosedJaxpr):

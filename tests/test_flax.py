@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import flat, leaves, mse
 from jax import lax
 
 import braintrace as bt
@@ -26,18 +27,6 @@ from oracles import rel_err
 
 F64 = jnp.float64
 B, T, N_IN, N = 3, 6, 3, 4
-
-
-def mse(out, target):
-    return jnp.sum((out - target) ** 2)
-
-
-def leaves(tree):
-    return jax.tree_util.tree_leaves(tree)
-
-
-def flat(tree):
-    return jnp.concatenate([jnp.ravel(a) for a in leaves(tree)])
 
 
 def assert_trees_identical(a, b):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import load_example
+from helpers import flat, leaves, load_example, mse
 from jax import lax
 
 import braintrace as bt
@@ -36,18 +36,6 @@ from oracles import rel_err
 F64 = jnp.float64
 B, T, N_IN, N = 3, 6, 3, 4
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def mse(out, target):
-    return jnp.sum((out - target) ** 2)
-
-
-def leaves(tree):
-    return jax.tree_util.tree_leaves(tree)
-
-
-def flat(tree):
-    return jnp.concatenate([jnp.ravel(a) for a in leaves(tree)])
 
 
 def pure(tree):

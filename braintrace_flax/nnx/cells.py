@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from braintrace.surrogate import spike
+from braintrace.surrogate import decay_logit, lif_step, spike
 
 from .convert import convert
 from .layers import ETPElemwise, ETPLinear
@@ -100,11 +99,7 @@ class ETPLIFCell(nnx.RNNCellBase):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not 0.0 < mem_decay < 1.0:
-            raise ValueError(
-                f"ETPLIFCell({in_features}, {hidden_features}): mem_decay must be in (0, 1), "
-                f"got {mem_decay!r}."
-            )
+        logit = decay_logit(mem_decay, f"ETPLIFCell({in_features}, {hidden_features})")
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.syn_decay = float(syn_decay)
@@ -121,7 +116,6 @@ class ETPLIFCell(nnx.RNNCellBase):
             bias_init=bias_init,
             rngs=rngs,
         )
-        logit = math.log(mem_decay / (1.0 - mem_decay))
         self.decay = ETPElemwise(
             (hidden_features,),
             nnx.initializers.constant(logit),
@@ -132,10 +126,14 @@ class ETPLIFCell(nnx.RNNCellBase):
 
     def __call__(self, carry: tuple[Array, Array], inputs: Array):
         """One step: ``((v_t, i_t), s_t)``."""
-        v, i = carry
-        i = self.syn_decay * i + self.linear(inputs)
-        a = self.decay()
-        v = a * v * (1.0 - spike(v - self.threshold, self.slope)) + (1.0 - a) * i
+        v, i = lif_step(
+            *carry,
+            self.linear(inputs),
+            self.decay(),
+            syn_decay=self.syn_decay,
+            threshold=self.threshold,
+            slope=self.slope,
+        )
         return (v, i), spike(v - self.threshold, self.slope)
 
     def initialize_carry(
