@@ -126,7 +126,7 @@ def _after(credit: dict, traces):
     if not flags:
         return traces
     zero = functools.reduce(jnp.logical_or, flags).astype(jnp.float32) * 0.0
-    return jax.tree_util.tree_map(lambda t: t + zero.astype(t.dtype), traces)
+    return _tree_map(lambda t: t + zero.astype(t.dtype), traces)
 
 
 def _advance(problem: Problem, p_leaves, state, parts, single: bool):
