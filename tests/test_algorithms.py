@@ -247,21 +247,29 @@ def test_online_memory_does_not_grow_with_t():
     assert long > 5 * short, sizes  # BPTT stores the whole sequence
 
 
-@pytest.mark.parametrize("model", ["rnn", "gru"])
-def test_one_state_traces_are_updated_in_place(model):
-    """The compiled scan holds no second copy of a one-state model's traces: XLA updates
-    them in place (before the credit was ordered ahead of the update, it copied them
-    every step, and this ratio was 1.16)."""
-    step, make_params = {"rnn": (M.rnn_step, M.rnn_params), "gru": (M.gru_step, M.gru_params)}[
-        model
-    ]
+@pytest.mark.parametrize("model", ["rnn", "gru", "lif"])
+def test_traces_are_updated_in_place(model):
+    """The compiled scan holds no second copy of the traces: XLA updates them in place.
+
+    Before the credit was ordered ahead of the update, XLA copied them every step (this
+    ratio was 1.16 for the GRU); before the LIF's states were written in order (``i``
+    reads only its own trace, ``v`` reads both, so ``v`` is written first), it was
+    1.29. What remains (about 0.3 at these small sizes) is the step's other buffers.
+    """
+    step, make_params, names = {
+        "rnn": (M.rnn_step, M.rnn_params, None),
+        "gru": (M.gru_step, M.gru_params, None),
+        "lif": (M.rlif_step, M.rlif_params, ("i", "v")),
+    }[model]
     params = make_params(0, 4, 64, dtype=jnp.float32)
-    hidden, xs = jnp.zeros((8, 64), jnp.float32), jnp.ones((5, 8, 4), jnp.float32)
+    zeros = jnp.zeros((8, 64), jnp.float32)
+    hidden = {k: zeros for k in names} if names else zeros
+    xs = jnp.ones((5, 8, 4), jnp.float32)
     learner = bt.compile(step, M.mse, bt.D_RTRL(), batched=True)
     state = learner.init(params, hidden, xs[0])
     trace_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state.traces))
     compiled = jax.jit(learner.scan).lower(params, state, xs, jnp.ones((5, 8, 2))).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < 0.6 * trace_bytes
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * trace_bytes
 
 
 # -- transformations and errors ---------------------------------------------------------------

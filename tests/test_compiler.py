@@ -270,6 +270,28 @@ def test_d_and_df_match_jacfwd_oracle(model, batched):
         tau = np.broadcast_to(sig(p["tau"]), d.shape[:-2])
         np.testing.assert_allclose(d[..., 1, 0], (1.0 - tau) * 0.8, rtol=1e-12)
         np.testing.assert_array_equal(d[..., 0, 1], 0.0)
+    _check_structural_zeros(graph, parts)
+    expected = {"lif": ((True, False), (True, True)), "rnn": ((False,),), "gru": ((True,),)}
+    if model in expected:
+        assert group.coupling == expected[model]
+
+
+def _check_structural_zeros(graph, parts):
+    """Every block the compiler calls a structural zero is zero in the oracle-checked
+    ``D``/``D_f``; the blocks it keeps are not all zero (so the check has teeth)."""
+    for group, d in zip(graph.groups, parts.d):
+        d = np.asarray(d)
+        for a in range(group.num_states):
+            for c in range(group.num_states):
+                if not group.couples(a, c):
+                    np.testing.assert_array_equal(d[..., a, c], 0.0)
+    for relation, df in zip(graph.relations, parts.df):
+        df = np.asarray(df)
+        for a in range(graph.groups[relation.group].num_states):
+            if relation.reaches_state(a):
+                assert np.abs(df[..., a]).max() > 0.0, (relation, a)
+            else:
+                np.testing.assert_array_equal(df[..., a], 0.0)
 
 
 def test_evaluate_is_the_plain_step():

@@ -114,19 +114,23 @@ def _add_credit(problem: Problem, p_leaves, grads: list, signal: list, state) ->
     return grads, credit
 
 
-def _after(credit: dict, traces):
-    """``traces`` made to depend on ``credit``: read by the credit first, then updated.
+def _after(credit: dict, parts):
+    """``parts`` made to depend on ``credit``, so the trace update runs after the credit.
 
     Without a data edge XLA cannot tell that the credit (which reads the old traces)
     runs before the update (which overwrites them), and copies every trace each step
-    to keep both safe. Adding a zero computed from the credit (``isnan * 0``: a zero
-    even when the credit is not finite) orders them and fuses into the update.
+    to keep both safe. The edge is a zero computed from the credit (``isnan * 0``: a
+    zero even when the credit is not finite) added to the step's small factors
+    (``x``, ``D``, ``D_f``), not to the weight-sized traces, whose update loop would
+    then recompute it for every element.
     """
     flags = [jnp.isnan(v.ravel()[0]) for v in jax.tree_util.tree_leaves(credit) if v.size]
     if not flags:
-        return traces
+        return parts
     zero = functools.reduce(jnp.logical_or, flags).astype(jnp.float32) * 0.0
-    return _tree_map(lambda t: t + zero.astype(t.dtype), traces)
+    return _tree_map(
+        lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, parts
+    )
 
 
 def _advance(problem: Problem, p_leaves, state, parts, single: bool):
@@ -154,7 +158,7 @@ def run_window(problem: Problem, params, state: LearnerState, xs, targets, singl
         traces, count = state.traces, state.count + steps
     else:
         grads, credit = _add_credit(problem, p_leaves, grads, signal, state)
-        state = state._replace(traces=_after(credit, state.traces))
+        parts = _after(credit, parts)
         traces, count = _advance(problem, p_leaves, state, parts, single)
     grads = jax.tree_util.tree_unflatten(treedef, grads)
     return (losses, outs), grads, LearnerState(h_end, traces, count)

@@ -84,15 +84,21 @@ def _broadcast_count(value, like):
     return value.reshape(value.shape + (1,) * (jnp.ndim(like) - value.ndim))
 
 
-def _propagate(d, epsf):
+def _propagate(d, epsf, group):
     """``sum_c d[..., a, c] * epsf[..., c]``, unrolled over the (1-3) states.
 
     Elementwise products fuse with the rest of the update; an einsum over so short
-    an axis lowers to a slow batched dot on CPU.
+    an axis lowers to a slow batched dot on CPU. Structurally zero blocks of ``d``
+    (``group.couples``) are skipped.
     """
     states = epsf.shape[-1]
+    zero = jnp.zeros_like(epsf[..., 0])
     rows = [
-        functools.reduce(jnp.add, (d[..., a, c] * epsf[..., c] for c in range(states)))
+        functools.reduce(
+            jnp.add,
+            (d[..., a, c] * epsf[..., c] for c in range(states) if group.couples(a, c)),
+            zero,
+        )
         for a in range(states)
     ]
     return jnp.stack(rows, axis=-1)
@@ -218,7 +224,7 @@ class ES_D_RTRL(Algorithm):
                 outputs.append(update_relation(graph, r, param_leaves, epsf, parts))
                 continue
             d, df = to_outputs(graph, r, parts.d[r.group]), parts.df[r.index]
-            propagated = _propagate(d, epsf)
+            propagated = _propagate(d, epsf, graph.groups[r.group])
             new = self.alpha_f * propagated + (1.0 - self.alpha_f) * df
             outputs.append(new.astype(epsf.dtype))
         return PPTraces(inputs, tuple(outputs))

@@ -72,14 +72,31 @@ def _batch_may_be_split() -> bool:
     return not mesh.empty and mesh.size > 1
 
 
+#: Trace elements (all samples) from which a sample loop beats one reduction on CPU.
+_LOOP_ELEMENTS = 1 << 14
+
+
+def _loop_over_samples(trace) -> bool:
+    """Whether :func:`contract` loops over the samples (CPU, large traces, no split batch).
+
+    For a small trace (an elementwise op's, one value per neuron) the loop's
+    per-iteration cost dominates and one reduction wins; its products are no larger
+    than ``_LOOP_ELEMENTS``. A large trace's would be a trace-sized temporary.
+    """
+    size = sum(t.size for t in jax.tree_util.tree_leaves(trace))
+    return jax.default_backend() == "cpu" and size >= _LOOP_ELEMENTS and not _batch_may_be_split()
+
+
 def contract(rules, relation: Relation, signal, trace):
     """``sum_b yw_to_w(signal[b], trace[b])`` for one state (``b`` the leading axis)."""
     if not relation.lead:
         return rules.yw_to_w(signal, trace)
     # Per-sample slices would move a split batch between devices: reduce it instead.
-    if jax.default_backend() == "cpu" and not _batch_may_be_split():
+    if _loop_over_samples(trace):
         # On a CPU, a loop over the samples reads each one's (cache-sized) block once
         # and accumulates; a reduction over the leading axis strides across them all.
+        # One loop per state: XLA's CPU code for a loop body that reads several
+        # states' blocks, each scaled by its own signal, is several times slower.
         def add_sample(b, total):
             block = _tree_map(lambda t: lax.dynamic_index_in_dim(t, b, keepdims=False), trace)
             return _add(total, rules.yw_to_w(signal[b], block))
@@ -133,25 +150,61 @@ def materialised(parts, count):
     return lax.cond(always, lambda p: p, lambda p: zeros, parts)
 
 
+def write_order(group) -> tuple:
+    """The states of ``group`` in an order that lets every update overwrite its trace.
+
+    State ``a``'s new trace reads the old traces of the states it couples to
+    (``group.couples(a, c)``), so ``a`` is written only after every other state that
+    reads it. A cycle between states (each reads the other) cannot be ordered; its
+    states keep their index order and XLA double-buffers them.
+    """
+    pending = list(range(group.num_states))
+    order: list = []
+    while pending:
+        ready = [a for a in pending if not any(group.couples(b, a) for b in pending if b != a)]
+        order.append(ready[0] if ready else pending[0])
+        pending.remove(order[-1])
+    return tuple(order)
+
+
+def _zero_from(tree):
+    """A scalar zero that depends on ``tree`` (``isnan * 0``: zero even for NaN)."""
+    leaf = jax.tree_util.tree_leaves(tree)[0]
+    return jnp.isnan(leaf.ravel()[0]).astype(leaf.dtype) * 0
+
+
 def update_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, parts) -> tuple:
-    """One step of the D-RTRL recursion for one relation."""
+    """One step of the D-RTRL recursion for one relation.
+
+    Structurally zero blocks of ``D`` and ``D_f`` are skipped, and the states are
+    written in :func:`write_order`, each made to wait (a data edge) for the one
+    before it: then no update overwrites a trace another update still has to read,
+    and XLA updates every trace in place.
+    """
     op = graph.ops[relation.op]
+    group = graph.groups[relation.group]
     w = op_weights(graph, relation.op, param_leaves)
     x = parts.xs[relation.op]
     scale = _scaler(op, relation)
     x_axis = 0 if (x is not None and op.batched) else None
     fresh = per_sample(lambda x_, df_: op.rules.xy_to_trace(x_, df_, w), relation, (x_axis, 0))
     d, df = to_outputs(graph, relation, parts.d[relation.group]), parts.df[relation.index]
-    num_states = len(trace)
 
-    def new_state(a):
+    def new_state(a, after):
+        da, dfa = d[..., a, :] + after, df[..., a] + after
+        terms = [scale(da[..., c], trace[c]) for c, _ in enumerate(trace) if group.couples(a, c)]
+        if relation.reaches_state(a):
+            terms.append(fresh(x, dfa))
+        if not terms:  # nothing ever reaches this state: its trace stays zero
+            return trace[a]
         # Accumulate in the factors' precision; store in the trace's dtype.
-        total = functools.reduce(
-            _add,
-            (scale(d[..., a, c], trace[c]) for c in range(num_states)),
-            fresh(x, df[..., a]),
-        )
+        total = functools.reduce(_add, terms)
         return _tree_map(lambda new, old: new.astype(old.dtype), total, trace[a])
 
     # States are few (1-3), so the recursion is unrolled over them.
-    return tuple(new_state(a) for a in range(num_states))
+    new: dict = {}
+    after = jnp.zeros((), d.dtype)
+    for a in write_order(group):
+        new[a] = new_state(a, after)
+        after = _zero_from(new[a]).astype(d.dtype)
+    return tuple(new[a] for a in range(len(trace)))

@@ -353,9 +353,24 @@ def _group_hidden(float_h, out_taint, h_avals, h_paths):
                 tuple(f"hidden{h_paths[i]}" for i in leaves),
                 tuple(h_avals[leaves[0]].shape),
                 h_avals[leaves[0]].dtype,
+                _coupling(leaves, out_taint),
             )
         )
     return groups, dropped
+
+
+def _kept(taint: dict, src) -> bool:
+    """Whether ``src`` reaches the value of ``taint`` through a kept path."""
+    return src in taint and taint[src].ok
+
+
+def _coupling(leaves: tuple, out_taint) -> tuple:
+    """``[a][c]``: whether leaf ``c``'s old value reaches leaf ``a``'s new one (kept paths).
+
+    The tangents behind ``D`` follow exactly the kept paths, so a ``False`` entry is a
+    block of ``D`` that is zero for every input.
+    """
+    return tuple(tuple(_kept(out_taint[a], ("h", c)) for c in leaves) for a in leaves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +425,8 @@ def _relation_for(facts: _PathFacts, op, g, index: int):
         if mapped == tuple(range(len(mapped))) and y_shape == pos_shape:
             mapped = None  # moved, but back where it started
     note = f"D_f of group #{g.index} drops paths through {', '.join(bad)}" if bad else None
-    return Relation(index, op.index, g.index, lead, bad, mapped), note
+    reached = tuple(_kept(facts.out_taint[i], ("y", op.index)) for i in g.leaves)
+    return Relation(index, op.index, g.index, lead, bad, mapped, reached), note
 
 
 def _find_relations(ops, groups, facts: _PathFacts):

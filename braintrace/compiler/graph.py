@@ -65,10 +65,18 @@ class HiddenGroup:
     paths: tuple
     shape: tuple  # full leaf shape (batch axis included when batched)
     dtype: Any
+    #: ``coupling[a][c]``: whether state ``c``'s old value can reach state ``a``'s new
+    #: one through kept paths, i.e. whether ``D[..., a, c]`` may be non-zero. Where it
+    #: is ``False`` the block is a structural zero. Empty: every block may be non-zero.
+    coupling: tuple = ()
 
     @property
     def num_states(self) -> int:
         return len(self.leaves)
+
+    def couples(self, a: int, c: int) -> bool:
+        """Whether ``D[..., a, c]`` may be non-zero (see ``coupling``)."""
+        return not self.coupling or self.coupling[a][c]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +91,13 @@ class Relation:
     #: Per element of one sample's ``y`` (flattened), the flat position it reaches in
     #: the group (``-1``: none); ``None`` when ``y`` maps onto the positions as is.
     index_map: tuple | None = None
+    #: Per state of the group: whether ``y`` reaches it through kept paths, i.e.
+    #: whether ``D_f[..., a]`` may be non-zero. Empty: every state may be reached.
+    reaches: tuple = ()
+
+    def reaches_state(self, a: int) -> bool:
+        """Whether ``D_f[..., a]`` may be non-zero (see ``reaches``)."""
+        return not self.reaches or self.reaches[a]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["xs", "d", "df"], meta_fields=[])
