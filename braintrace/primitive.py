@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +33,7 @@ from .contract import (
     XyToTrace,
     YwToW,
 )
+from .user_frame import warn_at_user
 
 __all__ = ["ETPPrimitive", "ETPIdentityWarning", "register_primitive", "compiling"]
 
@@ -428,13 +428,12 @@ def _install_transformations(prim: ETPPrimitive) -> None:
 
 def _dissolve(prim: ETPPrimitive, args, dims, params, why: str):
     if _COMPILING.get():
-        warnings.warn(
+        warn_at_user(
             f"ETP op {prim.name!r} cannot stay an ETP primitive under jax.vmap ({why}); it "
             "is computed as plain jax.numpy here and the braintrace compiler will not see "
             "it, so its parameters get no eligibility trace. Vmap over the op's input x "
             "only (weights unbatched) to keep it traceable.",
             ETPIdentityWarning,
-            stacklevel=2,
         )
     fn = functools.partial(prim.impl_fn, **params)
     out = jax.vmap(fn, in_axes=tuple(dims), out_axes=0)(*args)

@@ -9,7 +9,6 @@ the trace credit ``<dl_t/dh^{t-1}, eps^{t-1}>`` for trace-trained leaves; a wind
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 
 import jax
@@ -19,6 +18,7 @@ from jax import lax
 from ..compiler import CompileError, compile_graph
 from ..compiler.errors import TruncationWarning
 from ..compiler.report import CompileReport
+from ..user_frame import warn_at_user
 from . import checks
 from .base import Algorithm, LearnerState
 from .engine import Problem, run_window
@@ -101,7 +101,7 @@ class Learner:
         key = checks.signature(params, hidden, x)
         if message and key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, TruncationWarning, stacklevel=3)
+            warn_at_user(message, TruncationWarning)
 
     def reset(self, state: LearnerState, mask=None, hidden=None) -> LearnerState:
         """Start new episodes: fresh hidden state, zero traces and counts, per sample.
