@@ -137,7 +137,12 @@ def replicate(tree, mesh: Mesh):
     True
     """
     sharding = NamedSharding(mesh, P())
-    return jax.tree_util.tree_map(lambda a: _put(a, sharding), tree)
+    return jax.tree_util.tree_map(lambda a: _put(a, sharding) if _is_array(a) else a, tree)
+
+
+def _is_array(leaf) -> bool:
+    """An array leaf (a model's other leaves, e.g. an activation function, stay as they are)."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
 def _split(tree, mesh: Mesh, axis: str, dim: int, where: str, what: str):
@@ -248,20 +253,37 @@ def shard_state(state: LearnerState, mesh: Mesh, axis: str = "batch") -> Learner
     return _split(state, mesh, axis, 0, "shard_state", "state")
 
 
-def _learner_of(method: Callable, where: str) -> Learner:
+def _learner_of(method: Callable, where: str):
+    """The learner a bound ``step``/``window``/``scan`` belongs to: a core
+    :class:`~braintrace.Learner`, or a face learner with a ``core_of(model)`` method."""
     learner = getattr(method, "__self__", None)
     name = getattr(method, "__name__", None)
-    if not isinstance(learner, Learner) or name not in _METHODS:
+    is_face = callable(getattr(type(learner), "core_of", None))
+    if not (isinstance(learner, Learner) or is_face) or name not in _METHODS:
         raise TypeError(
             f"braintrace.parallel.{where}: expected a learner's bound step, window or scan "
-            f"(e.g. data_parallel(learner.scan, mesh)), got {method!r}."
+            f"(e.g. data_parallel(learner.scan, mesh)), got {method!r}. For an nn.RNN or "
+            "nnx.RNN learner, pass learner.inner's method, with time-major data."
         )
     if not learner.batched:
         raise ValueError(
             f"braintrace.parallel.{where}: {learner!r} is not batched, so it has no batch "
-            "to split over devices; compile it with bt.compile(..., batched=True)."
+            "to split over devices; compile it with batched=True."
         )
     return learner
+
+
+def _face_data_parallel(learner, name: str, mesh: Mesh, axis: str) -> Callable:
+    """``data_parallel`` for a face learner: its model is split into the core's params
+    (replicated), the rest is closed over, and the gradients are mapped back."""
+
+    def run(model, state: LearnerState, xs, targets, **kwargs):
+        core, params, to_grads = learner.core_of(model)
+        method = data_parallel(getattr(core, name), mesh, axis)
+        result, grads, state = method(params, state, xs, targets, **kwargs)
+        return result, to_grads(grads), state
+
+    return run
 
 
 def data_parallel(method: Callable, mesh: Mesh, axis: str = "batch") -> Callable:
@@ -278,7 +300,10 @@ def data_parallel(method: Callable, mesh: Mesh, axis: str = "batch") -> Callable
     ----------
     method : callable
         A bound ``step``, ``window`` or ``scan`` of a learner compiled with
-        ``batched=True``.
+        ``batched=True``: a core learner's (``params`` first), or an Equinox or NNX
+        face learner's (the model first, as in its methods; its trained arrays are
+        replicated and its gradients come back model-shaped: wrap the result in
+        ``eqx.filter_jit`` or ``nnx.jit``). A linen learner is a core learner.
     mesh : jax.sharding.Mesh
     axis : str
         The mesh axis the batch is split over (the loss and gradient are averaged
@@ -304,8 +329,10 @@ def data_parallel(method: Callable, mesh: Mesh, axis: str = "batch") -> Callable
     >>> loss.shape, out.shape == (batch, 2), grads["wh"].sharding.is_fully_replicated
     ((), True, True)
     """
-    _learner_of(method, "data_parallel")
+    learner = _learner_of(method, "data_parallel")
     _check_axis(mesh, axis, "data_parallel")
+    if not isinstance(learner, Learner):
+        return _face_data_parallel(learner, method.__name__, mesh, axis)
     data = P(axis) if method.__name__ == "step" else P(None, axis)
     n = mesh.shape[axis]
 

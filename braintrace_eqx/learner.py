@@ -110,6 +110,13 @@ class Learner:
         )
         return core, params
 
+    def core_of(self, model: Any) -> tuple[bt.Learner, Any, Callable]:
+        """``(core learner, params, to_grads)`` for ``model``: the core learner of its
+        step, its trained arrays, and the map from core gradients to this face's
+        (here the identity). ``braintrace.parallel.data_parallel`` uses it."""
+        core, params = self._core(model, "core_of")
+        return core, params, lambda grads: grads
+
     # -- the learner API ---------------------------------------------------------------
     def report(self, model: Any, hidden: Any, x: Any) -> CompileReport:
         """The compile report; paths are attribute paths such as ``.cell.linear.weight``."""

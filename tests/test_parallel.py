@@ -19,13 +19,17 @@ import subprocess
 import sys
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import EXAMPLES
 
 import braintrace as bt
+import braintrace_eqx as bte
+import braintrace_flax.nnx as btnnx
 from braintrace import parallel
 from braintrace.testing import models as M
 from braintrace.testing.reference import bptt_grad
@@ -164,6 +168,42 @@ def _ragged_batch_errors(mesh) -> dict:
     return messages
 
 
+class _EqxGRU(eqx.Module):
+    """A per-sample Equinox model: an ETP GRU cell, read out by its first 2 units."""
+
+    cell: bte.ETPGRUCell
+
+    def __call__(self, x, hidden):
+        hidden = self.cell(x, hidden)
+        return hidden, hidden[:2]
+
+
+def _faces(mesh) -> dict:
+    """``data_parallel`` of an Equinox and an NNX learner's ``scan`` against one device."""
+    _, _, _, xs, targets = _problem()
+    hidden = jax.random.normal(jax.random.PRNGKey(5), (B, 3))
+    found = {}
+    for face in ("eqx", "nnx"):
+        if face == "eqx":
+            model = _EqxGRU(bte.ETPGRUCell(M.N_IN, 3, key=jax.random.PRNGKey(0)))
+            learner, jit = bte.compile(model, M.mse, bt.D_RTRL()), eqx.filter_jit
+        else:
+            model = btnnx.ETPGRUCell(M.N_IN, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+            learner, jit = btnnx.compile(model, M.mse, bt.D_RTRL()), nnx.jit
+            targets = jnp.concatenate([targets, targets[..., :1]], -1)  # the 3-unit carry
+        state = learner.init(model, hidden, xs[0])
+        reference = jit(learner.scan)(model, state, xs, targets)
+        placed = parallel.shard_state(state, mesh)
+        data = parallel.shard_batch((xs, targets), mesh, time_major=True)
+        got = jit(parallel.data_parallel(learner.scan, mesh))(model, placed, *data)
+        found[face] = {
+            "rel_err": _largest_rel_err(got, reference),
+            "grads_type": type(got[1]).__name__ == type(reference[1]).__name__,
+            "state_split": _split(got[2], mesh),
+        }
+    return found
+
+
 def worker(part: str) -> dict:
     """The 2-device checks of one ``part`` (``fast`` or ``slow``), as a JSON-able report."""
     jax.config.update("jax_enable_x64", True)  # as tests/conftest.py does
@@ -175,6 +215,7 @@ def worker(part: str) -> dict:
             "routes": {"d_rtrl": _routes(mesh, "d_rtrl")},
             "bptt_rel_err": _against_bptt(mesh),
             "ragged": _ragged_batch_errors(mesh),
+            "faces": _faces(mesh),
         }
     return {
         "devices": mesh.size,
@@ -255,6 +296,14 @@ def test_data_parallel_d_rtrl_is_bptt_in_the_exact_class(two_devices):
     assert two_devices["bptt_rel_err"] <= 1e-10
 
 
+@pytest.mark.parametrize("face", ["eqx", "nnx"])
+def test_face_learners_run_data_parallel(two_devices, face):
+    """``data_parallel(learner.scan, mesh)`` for the Equinox and NNX faces: model-shaped
+    gradients (an ``nnx.State`` for NNX) equal to one device's, per-sample state split."""
+    found = two_devices["faces"][face]
+    assert found["rel_err"] <= 1e-12 and found["grads_type"] and found["state_split"], found
+
+
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(two_devices):
     for where, message in two_devices["ragged"].items():
         assert message is not None, f"{where} accepted a batch of 3 over 2 devices"
@@ -297,6 +346,20 @@ def test_an_unbatched_learner_is_refused():
         parallel.shard_state(state.hidden, mesh)
     with pytest.raises(TypeError, match="bound step, window or scan"):
         parallel.data_parallel(step, mesh)
+
+
+def test_face_learners_are_checked_like_core_learners():
+    mesh = parallel.batch_mesh()
+    model = _EqxGRU(bte.ETPGRUCell(M.N_IN, 3, key=jax.random.PRNGKey(0)))
+    one = bte.compile(model, M.mse, bt.D_RTRL(), batched=False)
+    with pytest.raises(ValueError, match=r"not batched.*batched=True"):
+        parallel.data_parallel(one.scan, mesh)
+    rnn = btnnx.compile(nnx.RNN(btnnx.ETPGRUCell(M.N_IN, 3, rngs=nnx.Rngs(0))), M.mse, bt.D_RTRL())
+    with pytest.raises(TypeError, match=r"learner\.inner"):
+        parallel.data_parallel(rnn.scan, mesh)
+    replicated = parallel.replicate(model, mesh)  # array leaves placed, static ones kept
+    assert replicated.cell.weight_hh.sharding.is_fully_replicated
+    assert replicated.cell.hidden_size == 3
 
 
 def test_leaves_without_a_batch_axis_and_unknown_mesh_axes_are_refused():

@@ -137,6 +137,12 @@ class Learner:
         )
         return core, nnx.as_pure(params), to_state
 
+    def core_of(self, model: nnx.Module) -> tuple[bt.Learner, Any, Callable]:
+        """``(core learner, params, to_state)`` for ``model``: the core learner of its
+        step, its ``wrt`` values as plain arrays, and the map from core gradients to an
+        ``nnx.State``. ``braintrace.parallel.data_parallel`` uses it."""
+        return self._core(model, "core_of")
+
     def report(self, model: nnx.Module, carry: Any, x: Any) -> CompileReport:
         """The compile report; paths read like ``"['dense_h']['kernel']"``."""
         core, params, _ = self._core(model, "report")
