@@ -13,7 +13,7 @@ import pytest
 
 import braintrace as bt
 from braintrace import ops
-from braintrace.compiler import compile_graph
+from braintrace.compiler import compile_graph, index_maps
 from braintrace.compiler.forward import forward
 from braintrace.testing import models as M
 from braintrace.testing.reference import bptt_grad
@@ -161,3 +161,23 @@ def test_constant_index_gather_is_an_index_map():
     _, grads, _ = learner.scan(params, learner.init(params, hidden, xs[0]), xs, targets)
     reference = bptt_grad(step, loss, params, hidden, xs, targets, True)
     assert rel_err(grads["w"], reference["w"]) <= 1e-10
+
+
+@pytest.mark.parametrize("layout", ["gates", "scattered"])
+def test_take_mapped_equals_a_numpy_gather(layout):
+    """Runs of slices (a fused-gate map) and the gather fallback (a scattered map) pick
+    ``sources[classes[j]][..., where[j], ...]`` and zero for ``where[j] = -1``."""
+    rng = np.random.default_rng(0)
+    sources = [rng.normal(size=(2, 6, 3)) for _ in range(3)]  # (lead, positions, tail)
+    if layout == "gates":
+        where = np.array([0, 1, 2, 3, 4, 5] * 3 + [-1, -1])
+        classes = np.repeat([0, 1, 2, 0], [6, 6, 6, 2])
+    else:
+        where = rng.integers(-1, 6, size=80)
+        classes = rng.integers(0, 3, size=80)
+    got = np.asarray(index_maps.take_mapped([jnp.asarray(s) for s in sources], classes, where, 1))
+    want = np.stack(
+        [sources[c][:, p] if p >= 0 else np.zeros((2, 3)) for c, p in zip(classes, where)], 1
+    )
+    np.testing.assert_array_equal(got, want)
+    assert (len(index_maps._runs(classes, where)) <= index_maps._MAX_RUNS) == (layout == "gates")

@@ -11,7 +11,13 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from .base import Algorithm
-from .relation import credit_relation, init_relation, materialised, update_relation
+from .relation import (
+    credit_relation,
+    init_relation,
+    mapped_d,
+    materialised,
+    update_relation,
+)
 
 __all__ = ["D_RTRL", "DRTRLTraces"]
 
@@ -74,10 +80,11 @@ class D_RTRL(Algorithm):
         return grads
 
     def update(self, graph, param_leaves, traces, parts, count) -> DRTRLTraces:
-        parts = materialised(parts, count)
+        # Index-mapped D is gathered once here, not inside every trace-sized update.
+        parts, ds = materialised((parts, mapped_d(graph, parts)), count)
         return DRTRLTraces(
             tuple(
-                update_relation(graph, r, param_leaves, trace, parts)
-                for r, trace in zip(graph.relations, traces.relations)
+                update_relation(graph, r, param_leaves, trace, parts, d)
+                for r, trace, d in zip(graph.relations, traces.relations, ds)
             )
         )

@@ -42,6 +42,7 @@ __all__ = [
     "update_relation",
     "contract",
     "materialised",
+    "mapped_d",
 ]
 
 _tree_map = jax.tree_util.tree_map
@@ -133,6 +134,11 @@ def _scaler(op, relation: Relation):
     return per_sample(op.rules.yw_to_w, relation, (0, 0))
 
 
+def mapped_d(graph: ETPGraph, parts) -> tuple:
+    """Per relation, ``D`` seen per element of the op's output (``to_outputs``)."""
+    return tuple(to_outputs(graph, r, parts.d[r.group]) for r in graph.relations)
+
+
 def materialised(parts, count):
     """``parts`` computed once, before the weight-sized trace updates read them.
 
@@ -173,7 +179,9 @@ def _zero_from(tree):
     return jnp.isnan(leaf.ravel()[0]).astype(leaf.dtype) * 0
 
 
-def update_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, parts) -> tuple:
+def update_relation(
+    graph: ETPGraph, relation: Relation, param_leaves, trace, parts, d=None
+) -> tuple:
     """One step of the D-RTRL recursion for one relation.
 
     Structurally zero blocks of ``D`` and ``D_f`` are skipped, and the states are
@@ -188,7 +196,9 @@ def update_relation(graph: ETPGraph, relation: Relation, param_leaves, trace, pa
     scale = _scaler(op, relation)
     x_axis = 0 if (x is not None and op.batched) else None
     fresh = per_sample(lambda x_, df_: op.rules.xy_to_trace(x_, df_, w), relation, (x_axis, 0))
-    d, df = to_outputs(graph, relation, parts.d[relation.group]), parts.df[relation.index]
+    if d is None:  # else: the caller mapped D to the op's outputs (see mapped_d)
+        d = to_outputs(graph, relation, parts.d[relation.group])
+    df = parts.df[relation.index]
 
     def new_state(a, after):
         da, dfa = d[..., a, :] + after, df[..., a] + after

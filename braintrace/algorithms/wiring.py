@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from ..compiler import index_maps
 from ..compiler.graph import ETPGraph, Relation
 
 __all__ = [
@@ -90,8 +90,5 @@ def to_outputs(graph: ETPGraph, relation: Relation, per_position: jax.Array) -> 
     lead = per_position.shape[: relation.lead]
     tail = per_position.shape[relation.lead + n_pos :]
     flat = per_position.reshape(lead + (-1,) + tail)
-    where = np.asarray(relation.index_map)
-    picked = jnp.take(flat, np.maximum(where, 0), axis=relation.lead)
-    reaches = (where >= 0).reshape((1,) * len(lead) + (-1,) + (1,) * len(tail))
-    picked = jnp.where(reaches, picked, 0)
+    picked = index_maps.take_mapped([flat], None, relation.index_map, relation.lead)
     return picked.reshape(lead + tuple(y_var.shape) + tail)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import registry
+from . import index_maps
 from . import program as prog
 from .graph import ETPGraph, StepParts
 from .program import is_inexact
@@ -176,16 +177,12 @@ def _mapped_df(graph: ETPGraph, relation, per_class: list) -> jax.Array:
     """
     op = graph.ops[relation.op]
     _, y_var = op.sample_vars()
-    stacked = jnp.stack(per_class)  # (C, *lead, *positions, S)
-    lead = stacked.shape[1 : 1 + relation.lead]
-    flat = stacked.reshape((len(per_class),) + lead + (-1, stacked.shape[-1]))
-    where = np.asarray(relation.index_map)
-    classes = graph.classes_of(relation.op)
-    classes = np.zeros_like(where) if classes is None else np.asarray(classes)
-    picked = flat[classes, ..., np.maximum(where, 0), :]  # (Y, *lead, S)
-    picked = jnp.where(jnp.asarray(where >= 0).reshape((-1,) + (1,) * (picked.ndim - 1)), picked, 0)
-    picked = jnp.moveaxis(picked, 0, relation.lead)
-    return picked.reshape(lead + tuple(y_var.shape) + (stacked.shape[-1],))
+    lead = per_class[0].shape[: relation.lead]
+    flat = [t.reshape(lead + (-1, t.shape[-1])) for t in per_class]
+    picked = index_maps.take_mapped(
+        flat, graph.classes_of(relation.op), relation.index_map, relation.lead
+    )  # (*lead, Y, S)
+    return picked.reshape(lead + tuple(y_var.shape) + (picked.shape[-1],))
 
 
 def _blocks(graph: ETPGraph, run: _Run, n_hidden: int, dirs) -> tuple[tuple, tuple]:

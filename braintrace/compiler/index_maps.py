@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import registry
 from . import program as prog
 from .paths import ELEMENTWISE, MOVERS, WITH_BODY
 
-__all__ = ["fold_constants", "element_positions", "per_sample_map", "colour"]
+__all__ = ["fold_constants", "element_positions", "per_sample_map", "colour", "take_mapped"]
 
 #: Constants larger than this are not folded (their values are never index operands).
 _MAX_FOLD = 1 << 16
@@ -193,3 +194,54 @@ def colour(maps: list, n_elements: int) -> np.ndarray:
             if m[j] >= 0:
                 taken[(k, c, m[j])] = j
     return classes
+
+
+#: Above this many contiguous runs an index map is applied as one gather.
+_MAX_RUNS = 32
+
+
+def _runs(classes: np.ndarray, where: np.ndarray) -> list:
+    """``(class, first position or -1, length)`` for each maximal run of elements that
+    read consecutive positions of one class (or none: ``-1``)."""
+    runs: list = []
+    for c, p in zip(classes.tolist(), where.tolist()):
+        if runs:
+            rc, start, n = runs[-1]
+            if rc == c and ((p < 0 and start < 0) or (p >= 0 and start >= 0 and p == start + n)):
+                runs[-1] = (rc, start, n + 1)
+                continue
+        runs.append((c, p if p >= 0 else -1, 1))
+    return runs
+
+
+def take_mapped(sources: list, classes, where, axis: int):
+    """Element ``j`` of the result, along ``axis``, is ``sources[classes[j]]`` at position
+    ``where[j]`` (zero where ``where[j] < 0``); ``classes=None``: one source.
+
+    A fused-gate map is a few contiguous runs (one per gate), so it is applied as
+    slices and one concatenation, which XLA copies at memory speed; a scattered map
+    falls back to one gather.
+    """
+    where = np.asarray(where)
+    classes = np.zeros_like(where) if classes is None else np.asarray(classes)
+    runs = _runs(classes, where)
+    if len(runs) > _MAX_RUNS:
+        return _gathered(sources, classes, where, axis)
+    pieces = []
+    for c, start, n in runs:
+        src = sources[c]
+        if start < 0:
+            shape = src.shape[:axis] + (n,) + src.shape[axis + 1 :]
+            pieces.append(jnp.zeros(shape, src.dtype))
+        else:
+            pieces.append(jax.lax.slice_in_dim(src, start, start + n, axis=axis))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis)
+
+
+def _gathered(sources: list, classes: np.ndarray, where: np.ndarray, axis: int):
+    stacked = jnp.moveaxis(jnp.stack(sources), axis + 1, 1)  # (C, P, ...)
+    picked = stacked[classes, np.maximum(where, 0)]  # (Y, ...)
+    if (where < 0).any():
+        reaches = (where >= 0).reshape((-1,) + (1,) * (picked.ndim - 1))
+        picked = jnp.where(reaches, picked, 0)
+    return jnp.moveaxis(picked, 0, axis)
