@@ -19,6 +19,7 @@ import subprocess
 import sys
 import warnings
 
+import background
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -224,32 +225,37 @@ def worker(part: str) -> dict:
     }
 
 
-def _run_worker(part: str) -> dict:
+def _worker_env() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    proc = subprocess.run(
-        [sys.executable, __file__, part],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+# The 2-device subprocesses start at collection and run once per test run (background.py).
+for _part, _fixture in (("fast", "two_devices"), ("slow", "two_devices_slow")):
+    background.register(
+        f"parallel_{_part}",
+        background.Job(
+            _fixture, [sys.executable, __file__, _part], env=_worker_env(), cwd=str(ROOT)
+        ),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _report(stdout: str) -> dict:
+    report = background.last_json(stdout)
     assert report["devices"] == 2
     return report
 
 
-# The 2-device subprocesses run once per test run, whichever xdist worker asks first.
 @pytest.fixture(scope="session")
-def two_devices(once_per_run) -> dict:
-    return once_per_run("parallel_fast", lambda: _run_worker("fast"))
+def two_devices(job_stdout) -> dict:
+    return _report(job_stdout("parallel_fast"))
 
 
 @pytest.fixture(scope="session")
-def two_devices_slow(once_per_run) -> dict:
-    return once_per_run("parallel_slow", lambda: _run_worker("slow"))
+def two_devices_slow(job_stdout) -> dict:
+    return _report(job_stdout("parallel_slow"))
 
 
 # -- on 2 devices ----------------------------------------------------------------------------

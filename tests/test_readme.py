@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import subprocess
 import sys
 
+import background
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -54,26 +54,24 @@ def readme_blocks(text: str) -> list[dict]:
 BLOCKS = readme_blocks(README.read_text())
 
 
-def _run_blocks() -> list:
-    """Run every runnable block in one fresh interpreter; one result per block."""
-    runnable = [b for b in BLOCKS if b["skip"] is None]
-    proc = subprocess.run(
+RUNNABLE = [b for b in BLOCKS if b["skip"] is None]
+# Every runnable block, in one fresh interpreter started at collection (background.py).
+background.register(
+    "readme_blocks",
+    background.Job(
+        "results",
         [sys.executable, "-c", _DRIVER],
-        input=json.dumps(runnable),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=README.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [[b["line"], r] for b, r in zip(runnable, outcome)]
+        stdin=json.dumps(RUNNABLE),
+        cwd=str(README.parent),
+    ),
+)
 
 
 @pytest.fixture(scope="session")
-def results(once_per_run) -> dict:
+def results(job_stdout) -> dict:
     """``{README line: result}`` of every runnable block."""
-    return {line: result for line, result in once_per_run("readme_blocks", _run_blocks)}
+    outcome = background.last_json(job_stdout("readme_blocks"))
+    return {block["line"]: result for block, result in zip(RUNNABLE, outcome)}
 
 
 def test_the_readme_has_python_blocks_and_the_parser_sees_skips():

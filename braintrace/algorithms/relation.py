@@ -175,8 +175,10 @@ def write_order(group) -> tuple:
 
 def _zero_from(tree):
     """A scalar zero that depends on ``tree`` (``isnan * 0``: zero even for NaN)."""
-    leaf = jax.tree_util.tree_leaves(tree)[0]
-    return jnp.isnan(leaf.ravel()[0]).astype(leaf.dtype) * 0
+    leaves = [t for t in jax.tree_util.tree_leaves(tree) if t.size]
+    if not leaves:
+        return jnp.zeros(())
+    return jnp.isnan(leaves[0].ravel()[0]).astype(leaves[0].dtype) * 0
 
 
 def update_relation(
