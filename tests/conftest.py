@@ -4,7 +4,9 @@ With x64 on, ``jnp.ones(...)`` defaults to float64, so tests that mean float32 s
 """
 
 import pathlib
+import shutil
 import tempfile
+import uuid
 
 import background
 import jax
@@ -13,14 +15,30 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 
+def _jobs_dir(uid: str) -> pathlib.Path:
+    return pathlib.Path(tempfile.gettempdir()) / f"braintrace-jobs-{uid}"
+
+
 def _shared_dir(config) -> pathlib.Path:
     """A folder of this test run that every xdist worker sees (and no other run)."""
     workerinput = getattr(config, "workerinput", None)
     if workerinput is None:  # no xdist: this process's own temporary folder
         return config._tmp_path_factory.getbasetemp()
-    path = pathlib.Path(tempfile.gettempdir()) / f"braintrace-jobs-{workerinput['testrunuid']}"
+    path = _jobs_dir(workerinput["testrunuid"])
     path.mkdir(exist_ok=True)
     return path
+
+
+def pytest_configure(config):
+    """On the xdist controller, fix the run's id, so it can remove the jobs' folder."""
+    if not hasattr(config, "workerinput") and hasattr(config.option, "testrunuid"):
+        config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
+
+
+def pytest_unconfigure(config):
+    uid = getattr(config.option, "testrunuid", None)
+    if not hasattr(config, "workerinput") and uid:
+        shutil.rmtree(_jobs_dir(uid), ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: only what will run
