@@ -6,6 +6,7 @@ Memory O(|W| S) per sample. Exact (equal to BPTT) in the exact class; otherwise 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -80,8 +81,10 @@ class D_RTRL(Algorithm):
         return grads
 
     def update(self, graph, param_leaves, traces, parts, count) -> DRTRLTraces:
-        # Index-mapped D is gathered once here, not inside every trace-sized update.
-        parts, ds = materialised((parts, mapped_d(graph, parts)), count)
+        # D seen per op output (index maps gathered once here, not inside every
+        # trace-sized update) replaces the per-group D among the materialised factors.
+        factors = (dataclasses.replace(parts, d=()), mapped_d(graph, parts))
+        parts, ds = materialised(factors, count)
         return DRTRLTraces(
             tuple(
                 update_relation(graph, r, param_leaves, trace, parts, d)

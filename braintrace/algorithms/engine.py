@@ -11,7 +11,6 @@ pass differentiates and, alongside, the ``x``, ``D`` and ``D_f`` the traces need
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,7 +21,7 @@ from jax import lax
 from ..compiler.forward import forward
 from ..compiler.graph import ETPGraph
 from .base import Algorithm, LearnerState
-from .wiring import stack_group
+from .wiring import stack_group, zero_after
 
 __all__ = ["Problem", "run_window", "split_float", "with_values"]
 
@@ -119,15 +118,11 @@ def _after(credit: dict, parts):
 
     Without a data edge XLA cannot tell that the credit (which reads the old traces)
     runs before the update (which overwrites them), and copies every trace each step
-    to keep both safe. The edge is a zero computed from the credit (``isnan * 0``: a
-    zero even when the credit is not finite) added to the step's small factors
-    (``x``, ``D``, ``D_f``), not to the weight-sized traces, whose update loop would
-    then recompute it for every element.
+    to keep both safe. The edge (:func:`~.wiring.zero_after`) goes on the step's small
+    factors (``x``, ``D``, ``D_f``), not on the weight-sized traces, whose update loop
+    would then recompute it for every element.
     """
-    flags = [jnp.isnan(v.ravel()[0]) for v in jax.tree_util.tree_leaves(credit) if v.size]
-    if not flags:
-        return parts
-    zero = functools.reduce(jnp.logical_or, flags).astype(jnp.float32) * 0.0
+    zero = zero_after(credit)
     return _tree_map(
         lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, parts
     )

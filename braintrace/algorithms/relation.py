@@ -34,6 +34,7 @@ from .wiring import (
     to_outputs,
     weight_structs,
     with_lead,
+    zero_after,
 )
 
 __all__ = [
@@ -173,14 +174,6 @@ def write_order(group) -> tuple:
     return tuple(order)
 
 
-def _zero_from(tree):
-    """A scalar zero that depends on ``tree`` (``isnan * 0``: zero even for NaN)."""
-    leaves = [t for t in jax.tree_util.tree_leaves(tree) if t.size]
-    if not leaves:
-        return jnp.zeros(())
-    return jnp.isnan(leaves[0].ravel()[0]).astype(leaves[0].dtype) * 0
-
-
 def update_relation(
     graph: ETPGraph, relation: Relation, param_leaves, trace, parts, d=None
 ) -> tuple:
@@ -218,5 +211,5 @@ def update_relation(
     after = jnp.zeros((), d.dtype)
     for a in write_order(group):
         new[a] = new_state(a, after)
-        after = _zero_from(new[a]).astype(d.dtype)
+        after = zero_after(new[a]).astype(d.dtype)
     return tuple(new[a] for a in range(len(trace)))

@@ -7,6 +7,7 @@ trainables its ``init_*`` rules see, per-sample mapping over a relation's leadin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -16,6 +17,7 @@ from ..compiler import index_maps
 from ..compiler.graph import ETPGraph, Relation
 
 __all__ = [
+    "zero_after",
     "stack_group",
     "op_weights",
     "weight_structs",
@@ -92,3 +94,16 @@ def to_outputs(graph: ETPGraph, relation: Relation, per_position: jax.Array) -> 
     flat = per_position.reshape(lead + (-1,) + tail)
     picked = index_maps.take_mapped([flat], None, relation.index_map, relation.lead)
     return picked.reshape(lead + tuple(y_var.shape) + tail)
+
+
+def zero_after(tree) -> jax.Array:
+    """A float32 scalar zero that XLA can only compute once every leaf of ``tree`` exists.
+
+    Added to an input of a later computation, it orders that computation after the
+    ones producing ``tree`` (a data edge; ``optimization_barrier`` only orders, and on
+    CPU does not stop fusion). ``isnan(...) * 0`` is a zero even for a non-finite leaf.
+    """
+    flags = [jnp.isnan(v.ravel()[0]) for v in jax.tree_util.tree_leaves(tree) if v.size]
+    if not flags:
+        return jnp.zeros((), jnp.float32)
+    return functools.reduce(jnp.logical_or, flags).astype(jnp.float32) * 0.0
