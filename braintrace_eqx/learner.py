@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 
 import braintrace as bt
-from braintrace.algorithms import Algorithm, LearnerState
+from braintrace.algorithms import Algorithm, LearnerState, checks
 from braintrace.compiler import CompileReport
 
 from .filters import trainable
@@ -51,16 +51,7 @@ class Learner:
             )
         if not callable(loss_fn):
             raise TypeError("braintrace_eqx.compile: loss_fn(out, target) must be callable.")
-        if isinstance(algorithm, type) and issubclass(algorithm, Algorithm):
-            raise TypeError(
-                f"braintrace_eqx.compile: pass an algorithm instance, e.g. "
-                f"bt.{algorithm.__name__}(), not the class."
-            )
-        if not isinstance(algorithm, Algorithm):
-            raise TypeError(
-                "braintrace_eqx.compile: algorithm must be bt.D_RTRL(), bt.pp_prop(...) / "
-                f"bt.ES_D_RTRL(...) or bt.BPTT(); got {algorithm!r}."
-            )
+        checks.check_algorithm(algorithm, "braintrace_eqx.compile")
         self.loss_fn = loss_fn
         self.algorithm = algorithm
         self.batched = bool(batched)
