@@ -35,6 +35,10 @@ base.with_suffix(".tmp").rename(base.with_suffix(".rc"))
 """
 
 
+#: How long a test waits for a job: longer than the launcher's own 900 s timeout.
+_WAIT_SECONDS = 1200
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     fixture: str  # the fixture whose tests need the job
@@ -75,7 +79,10 @@ def stdout_of(name: str, shared: pathlib.Path) -> str:
     """The job's stdout once it has finished (starting it if nobody has)."""
     start(name, shared)
     done = shared / f"{name}.rc"
+    deadline = time.monotonic() + _WAIT_SECONDS
     while not done.exists():
+        if time.monotonic() > deadline:  # the launcher died without a status
+            raise AssertionError(f"background job {name!r} gave no status in {_WAIT_SECONDS} s")
         time.sleep(0.2)
     if int(done.read_text()) != 0:
         error = (shared / f"{name}.err").read_text()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -79,3 +81,19 @@ def load_example(name: str):
     sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def run_example(name: str, *args: str, timeout: int = 300) -> dict:
+    """Run ``examples/<name>.py args`` in a fresh interpreter (the user's defaults: float32)
+    and return the JSON summary on its last stdout line (every example's contract)."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        cwd=EXAMPLES.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines, result.stderr[-3000:]
+    return json.loads(lines[-1])

@@ -9,22 +9,18 @@ would (float32); the run that pins the accuracy gap is behind the ``slow`` marke
 
 from __future__ import annotations
 
-import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import EXAMPLES, load_example
+from helpers import load_example, run_example
 
 import braintrace as bt
 from braintrace.testing.reference import bptt_grad
 from oracles import rel_err
 
-ROOT = EXAMPLES.parent
 ROWS = {"tbptt", "d_rtrl", "d_rtrl_window", "bptt"}
 ROW_KEYS = {"test_accuracy", "seconds", "temp_MiB"}
 
@@ -35,17 +31,7 @@ def example():
 
 
 def _run(args, tmp_path, timeout=300) -> dict:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "long_range.py"), *args, "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert lines, result.stderr[-3000:]
-    return json.loads(lines[-1])  # the contract: the LAST stdout line is JSON
+    return run_example("long_range", *args, "--out", str(tmp_path), timeout=timeout)
 
 
 def test_trials_hold_the_cue_then_only_distractors(example):

@@ -6,27 +6,15 @@ suite's conftest turns x64 on in-process).
 
 from __future__ import annotations
 
-import json
 import pathlib
-import subprocess
-import sys
 
-from helpers import EXAMPLES, load_example
+from helpers import load_example, run_example
 
-ROOT = EXAMPLES.parent
 REQUIRED = {"example", "algorithm", "test_accuracy", "seconds", "chance"}
 
 
 def test_eqx_lif_snn_quick_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "eqx_lif_snn.py"), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = run_example("eqx_lif_snn", "--quick", "--out", str(tmp_path))
     assert REQUIRED <= set(summary), summary
     assert summary["example"] == "eqx_lif_snn" and summary["algorithm"] == "d_rtrl"
     assert 0.0 <= summary["test_accuracy"] <= 1.0

@@ -8,16 +8,10 @@ run (tests/test_examples_eqx.py) is the one that stays in the default run.
 
 from __future__ import annotations
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from helpers import EXAMPLES, load_example
+from helpers import load_example, run_example
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 REQUIRED = {"example", "algorithm", "test_accuracy", "seconds", "chance"}
 
 CASES = {
@@ -57,18 +51,7 @@ def test_shared_helpers():
 @pytest.mark.slow
 @pytest.mark.parametrize("example", sorted(CASES))
 def test_example_quick_run_reports_json(example, tmp_path):
-    script = EXAMPLES / f"{example}.py"
-    result = subprocess.run(
-        [sys.executable, str(script), *CASES[example], "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert lines, result.stderr[-3000:]
-    summary = json.loads(lines[-1])  # the contract: the LAST stdout line is JSON
+    summary = run_example(example, *CASES[example], "--out", str(tmp_path))
     assert REQUIRED <= set(summary), sorted(REQUIRED - set(summary))
     assert summary["example"] == example
     assert summary["algorithm"] == "d_rtrl"

@@ -10,10 +10,6 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
-import json
-import pathlib
-import subprocess
-import sys
 
 import equinox as eqx
 import flax.linen as nn
@@ -23,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import flat, leaves, load_example, mse
+from helpers import flat, leaves, load_example, mse, run_example
 from jax import lax
 
 import braintrace as bt
@@ -35,7 +31,6 @@ from oracles import rel_err
 
 F64 = jnp.float64
 B, T, N_IN, N = 3, 6, 3, 4
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def pure(tree):
@@ -751,21 +746,7 @@ def test_nnx_example_flags_match_the_linen_example():
 
 @pytest.mark.slow
 def test_nnx_example_quick_run_reports_json(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "nnx_gru_digits.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])  # the LAST line is JSON
+    summary = run_example("nnx_gru_digits", "--quick", "--out", str(tmp_path))
     assert summary["example"] == "nnx_gru_digits" and summary["algorithm"] == "d_rtrl"
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["seconds"] > 0
     assert summary["steps_per_sequence"] == 32 and summary["hidden"] == 16

@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import EXAMPLES
+from helpers import run_example
 
 import braintrace as bt
 import braintrace_eqx as bte
@@ -318,15 +317,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(two_devices):
 
 @pytest.mark.slow  # the sharded-scan tests above check the same route in the default run
 def test_the_example_on_two_cpu_devices():
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "data_parallel.py"), "--cpu-devices", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = run_example("data_parallel", "--cpu-devices", "2", timeout=600)
     assert summary["example"] == "data_parallel" and summary["devices"] == 2
     assert summary["platform"] == "cpu"
     assert 0.0 < summary["max_abs_diff"] <= 1e-5, summary  # rounding only (float32)
