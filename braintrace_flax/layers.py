@@ -21,6 +21,8 @@ from flax.linen import module as flax_module
 
 from braintrace import ops
 
+from ._promote import single_dtype
+
 __all__ = ["ETPDense", "ETPLoRA", "ETPElemwise", "FROZEN", "dense_forward"]
 
 Array = jax.Array
@@ -52,21 +54,7 @@ def _compute_dtype(module: nn.Module, inputs: Array, kernel: Array, bias: Array 
     out = jax.eval_shape(
         lambda i, k, b: module.promote_dtype(i, k, b, dtype=module.dtype), inputs, kernel, bias
     )
-    got = [o for o in out if o is not None]
-    want = [a for a in (inputs, kernel, bias) if a is not None]
-    if [tuple(o.shape) for o in got] != [tuple(jnp.shape(a)) for a in want]:
-        raise ValueError(
-            f"{where(module)}: promote_dtype changed the shape of its arguments; the ETP dense "
-            "op can only honour a promote_dtype that casts (leave promote_dtype at its default)."
-        )
-    kinds = {jnp.dtype(o.dtype) for o in got}
-    if len(kinds) != 1:
-        raise ValueError(
-            f"{where(module)}: promote_dtype returned mixed dtypes {sorted(map(str, kinds))}; "
-            "the ETP dense op computes in one dtype. Return one dtype for inputs, kernel and "
-            "bias, or leave promote_dtype at its default."
-        )
-    return kinds.pop()
+    return single_dtype(where(module), out, (inputs, kernel, bias))
 
 
 def _check_dot_general(module: nn.Module) -> None:

@@ -19,6 +19,8 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 
 from braintrace import ops
 
+from .._promote import single_dtype
+
 __all__ = ["ETPLinear", "ETPLoRA", "ETPElemwise"]
 
 Array = jax.Array
@@ -30,20 +32,7 @@ def _compute_dtype(layer: nnx.Module, *arrays: Array | None) -> Any:
     if layer.promote_dtype is nnx_dtypes.promote_dtype:
         return nnx_dtypes.canonicalize_dtype(*arrays, dtype=layer.dtype)
     out = jax.eval_shape(lambda *a: layer.promote_dtype(a, dtype=layer.dtype), *arrays)
-    got = [o for o in out if o is not None]
-    want = [a for a in arrays if a is not None]
-    if [tuple(o.shape) for o in got] != [tuple(jnp.shape(a)) for a in want]:
-        raise ValueError(
-            f"{name}: promote_dtype changed the shape of its arguments; the ETP op can only "
-            "honour a promote_dtype that casts (leave promote_dtype at its default)."
-        )
-    kinds = {jnp.dtype(o.dtype) for o in got}
-    if len(kinds) != 1:
-        raise ValueError(
-            f"{name}: promote_dtype returned mixed dtypes {sorted(map(str, kinds))}; the ETP "
-            "op computes in one dtype. Return one dtype, or leave promote_dtype at its default."
-        )
-    return kinds.pop()
+    return single_dtype(name, out, arrays)
 
 
 def _fold(inputs: Array, name: str) -> tuple[Array, tuple[int, ...]]:
