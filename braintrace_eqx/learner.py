@@ -114,13 +114,14 @@ class Learner:
         core, params = self._core(model, "report")
         return core.report(params, hidden, x)
 
-    def init(self, model: Any, hidden: Any, x: Any) -> LearnerState:
+    def init(self, model: Any, hidden: Any, x: Any, *, key: Any = None) -> LearnerState:
         """Zero traces for the initial ``hidden`` (``x``: one step's input, for shapes).
 
         With ``batched=True`` every leaf of ``hidden`` and ``x`` has a leading batch axis.
+        ``key`` seeds a random algorithm (see ``braintrace.Learner.init``).
         """
         core, params = self._core(model, "init")
-        return core.init(params, hidden, x)
+        return core.init(params, hidden, x, key=key)
 
     def step(self, model: Any, state: LearnerState, x: Any, target: Any):
         """One time step: ``((loss, out), grads, new_state)``.

@@ -65,9 +65,9 @@ class SequenceLearner:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def init(self, params: Any, hidden: Any, x: Any):
+    def init(self, params: Any, hidden: Any, x: Any, *, key: Any = None):
         """Zero traces for the initial ``hidden`` (``x``: one step's input, for shapes)."""
-        return self.inner.init(params, hidden, x)
+        return self.inner.init(params, hidden, x, key=key)
 
     def step(self, params: Any, state: Any, x: Any, target: Any):
         """One time step of the cell: ``((loss, out), grads, state)``."""

@@ -66,9 +66,17 @@ class Algorithm:
         """Steps per window when ``learner.scan`` gets ``window=None``: ``None`` = one step."""
         return None
 
-    def init_traces(self, graph: ETPGraph, param_leaves: list) -> Any:
-        """Zero traces for ``graph`` (per sample when the graph is batched)."""
+    def init_traces(self, graph: ETPGraph, param_leaves: list, key=None) -> Any:
+        """Zero traces for ``graph`` (per sample when the graph is batched).
+
+        ``key`` (a ``jax.random`` key, or ``None``) seeds an algorithm that draws
+        random numbers (``UORO``); the deterministic algorithms ignore it.
+        """
         return NoTraces()
+
+    def reset_traces(self, traces) -> Any:
+        """The traces a sample restarts an episode from (zeros; a key stream goes on)."""
+        return jax.tree_util.tree_map(jnp.zeros_like, traces)
 
     def credit(self, graph: ETPGraph, param_leaves: list, traces, signals: dict, count) -> dict:
         """``{params leaf index: <dL/dh^{t-1}, eps^{t-1}>}`` for the trace-trained leaves.

@@ -105,8 +105,9 @@ def check_mask(batched: bool, state: LearnerState, mask) -> jax.Array:
     return mask
 
 
-def fresh_state(state: LearnerState, hidden) -> LearnerState:
-    """The state every selected sample restarts from: ``hidden`` (or zeros), zero traces."""
+def fresh_state(state: LearnerState, hidden, algorithm: Algorithm) -> LearnerState:
+    """The state every selected sample restarts from: ``hidden`` (or zeros), fresh traces
+    (``algorithm.reset_traces``) and a zero count."""
     if hidden is None:
         hidden = jax.tree_util.tree_map(jnp.zeros_like, state.hidden)
     else:
@@ -125,8 +126,8 @@ def fresh_state(state: LearnerState, hidden) -> LearnerState:
         hidden = jax.tree_util.tree_map(
             lambda new, old: jnp.asarray(new, jnp.result_type(old)), hidden, state.hidden
         )
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, (state.traces, state.count))
-    return LearnerState(hidden, *zeros)
+    traces = algorithm.reset_traces(state.traces)
+    return LearnerState(hidden, traces, jnp.zeros_like(state.count))
 
 
 def check_scalar(value, what: str, batched: bool = False) -> None:

@@ -69,7 +69,7 @@ class D_RTRL(Algorithm):
             return "D_RTRL()"
         return f"D_RTRL(trace_dtype={self.trace_dtype.name})"
 
-    def init_traces(self, graph, param_leaves) -> DRTRLTraces:
+    def init_traces(self, graph, param_leaves, key=None) -> DRTRLTraces:
         return DRTRLTraces(
             tuple(init_relation(graph, r, param_leaves, self.trace_dtype) for r in graph.relations)
         )

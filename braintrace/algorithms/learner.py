@@ -81,9 +81,11 @@ class Learner:
         return dataclasses.replace(graph.report, trace_memory=memory)
 
     # -- state ----------------------------------------------------------------------------
-    def init(self, params, hidden, x) -> LearnerState:
+    def init(self, params, hidden, x, *, key=None) -> LearnerState:
         """Zero traces for ``hidden`` as the initial carry (``x``: one step's input).
 
+        ``key`` (``jax.random.key(i)``) seeds an algorithm that draws random numbers
+        (``braintrace.UORO``; without it, a fixed default); the others ignore it.
         Warns once per learner and argument shapes (:class:`~braintrace.TruncationWarning`)
         when some parameter's gradient is truncated, listing each and why.
         """
@@ -93,7 +95,7 @@ class Learner:
             return LearnerState(hidden, self.algorithm.init_traces(None, []), count)
         graph = self.graph(params, hidden, x)
         self._warn_once(graph, params, hidden, x)
-        traces = self.algorithm.init_traces(graph, jax.tree_util.tree_leaves(params))
+        traces = self.algorithm.init_traces(graph, jax.tree_util.tree_leaves(params), key=key)
         return LearnerState(hidden, traces, count)
 
     def _warn_once(self, graph, params, hidden, x) -> None:
@@ -123,7 +125,7 @@ class Learner:
             one; the other samples are bit-identical to ``state``.
         """
         checks.check_state(state)
-        fresh = checks.fresh_state(state, hidden)
+        fresh = checks.fresh_state(state, hidden, self.algorithm)
         if mask is None:
             return fresh
         mask = checks.check_mask(self.batched, state, mask)

@@ -150,7 +150,7 @@ class ES_D_RTRL(Algorithm):
         )
 
     # -- traces ----------------------------------------------------------------------
-    def init_traces(self, graph, param_leaves) -> PPTraces:
+    def init_traces(self, graph, param_leaves, key=None) -> PPTraces:
         outputs = []
         for r in graph.relations:
             op = graph.ops[r.op]

@@ -148,10 +148,11 @@ class Learner:
         core, params, _ = self._core(model, "report")
         return core.report(params, carry, x)
 
-    def init(self, model: nnx.Module, carry: Any, x: Any) -> LearnerState:
-        """Zero traces for the initial ``carry`` (``x``: one step's input, for shapes)."""
+    def init(self, model: nnx.Module, carry: Any, x: Any, *, key: Any = None) -> LearnerState:
+        """Zero traces for the initial ``carry`` (``x``: one step's input, for shapes;
+        ``key`` seeds a random algorithm, see ``braintrace.Learner.init``)."""
         core, params, _ = self._core(model, "init")
-        return core.init(params, carry, x)
+        return core.init(params, carry, x, key=key)
 
     def reset(self, state: LearnerState, mask: Any = None, hidden: Any = None) -> LearnerState:
         """Start new episodes: fresh carry, zero traces (see ``braintrace.Learner.reset``)."""
