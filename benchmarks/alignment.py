@@ -6,18 +6,27 @@ similarity, sign agreement and norm ratio of each algorithm's summed gradient
 against BPTT's (float64), for windows of k = 1, 4 and 16 steps
 (``learner.scan(..., window=k)``; k = 1 is the per-step learner):
 
-- ``d_rtrl`` and ``pp_prop(0.9)``: exact inside a window, traces across its entry;
+- ``rtrl``: the full influence matrix, exact at every k (the check that the table
+  measures what it says: its cosine is 1);
+- ``snap1``, ``d_rtrl`` and ``pp_prop(0.9)``: exact inside a window, traces across
+  its entry (SnAp-1 also carries each unit's own recurrent weight);
+- ``uoro``: one key stream, an unbiased but noisy estimate;
 - ``tbptt``: ``OneStep`` windows, i.e. truncated BPTT over k steps with no traces:
   the control that shows what the traces add at the same window.
 
 Figures are joint over all leaves but the readout ``ro`` (which every algorithm gets
-exactly); ``--per-leaf`` adds the per-leaf breakdown. The last stdout line is a JSON
-object keyed ``"<model>/<algorithm>/k=<k>"``, so runs can be compared. It takes
-about a minute on 2 CPU cores.
+exactly); ``--per-leaf`` adds the per-leaf breakdown. With ``--seeds N`` every figure
+is the mean over N parameter seeds (and the table shows the spread of the cosine);
+``--self-gain g`` adds ``g`` times the identity to the recurrent weights and
+``--recurrent-scale s`` scales their random part (a diagonal-heavy initialisation,
+where SnAp-1's diagonal matters). The last stdout line
+is a JSON object keyed ``"<model>/<algorithm>/k=<k>"``, so runs can be compared. The
+default run takes a few minutes on 2 CPU cores.
 
-    python benchmarks/alignment.py                 # the table the tests' floors come from
-    python benchmarks/alignment.py --T 200         # longer sequences
-    python benchmarks/alignment.py --windows 1 8 --per-leaf
+    python benchmarks/alignment.py                     # the README table
+    python benchmarks/alignment.py --seeds 5 --windows 1 --algorithms snap1 d_rtrl
+    python benchmarks/alignment.py --self-gain 0.9 --recurrent-scale 0.3 --seeds 5 --windows 1
+    python benchmarks/alignment.py --T 200 --per-leaf
 """
 
 from __future__ import annotations
@@ -42,19 +51,28 @@ MODELS = {
 SKIP = ("ro",)  # the readout: exact for every algorithm, it would inflate the agreement
 
 
+#: The recurrent weight of each model (``--self-gain`` adds to its diagonal).
+RECURRENT = {"rnn": ("wh",), "gru": ("whr", "whz", "whn"), "rlif": ("wr",)}
+
+
 def algorithms(pp_decay: float) -> dict:
     """The algorithms compared, by the label the table and the JSON use."""
     return {
+        "rtrl": bt.RTRL(),
+        "snap1": bt.SnAp1(),
         "d_rtrl": bt.D_RTRL(),
         f"pp_prop({pp_decay:g})": bt.pp_prop(pp_decay),
+        "uoro": bt.UORO(),
         "tbptt": bt.OneStep(),
     }
 
 
-def problem(model: str, args):
-    """``(step, params, hidden, xs, targets)`` for one model, from fixed seeds."""
+def problem(model: str, args, seed: int = 0):
+    """``(step, params, hidden, xs, targets)`` for one model and parameter seed."""
     step, make_params, names = MODELS[model]
-    params = make_params(0, args.n_in, args.n)
+    params = make_params(seed, args.n_in, args.n)
+    for name in RECURRENT[model]:
+        params[name] = args.recurrent_scale * params[name] + args.self_gain * jnp.eye(args.n)
     shape = (args.B, args.n)
     hidden = {k: jnp.zeros(shape) for k in names} if names else jnp.zeros(shape)
     k1, k2 = jax.random.split(jax.random.PRNGKey(args.seed))
@@ -71,31 +89,58 @@ def windowed_grads(step, algo, params, hidden, xs, targets, k: int):
     return run(params, state, xs, targets)[1]
 
 
-def _cell(stats: dict) -> str:
-    return f"{stats['cosine']:>10.4f}{stats['sign']:>7.3f}{stats['norm_ratio']:>7.3f}"
+def _cell(stats: dict, spread: float | None = None) -> str:
+    cos = f"{stats['cosine']:.4f}" + (f"+-{spread:.3f}" if spread is not None else "")
+    return f"{cos:>16}{stats['sign']:>7.3f}{stats['norm_ratio']:>7.3f}"
+
+
+def _mean(figures: list) -> dict:
+    return {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
+
+
+def _measure(model, algo, k, args, references) -> tuple:
+    """``(joint figures averaged over seeds, cosine spread, per-leaf figures of seed 0)``."""
+    joints, leaves = [], None
+    for seed, reference in enumerate(references):
+        step, params, hidden, xs, targets = problem(model, args, seed)
+        grads = windowed_grads(step, algo, params, hidden, xs, targets, k)
+        joints.append(alignment(grads, reference, skip=SKIP))
+        if leaves is None:
+            leaves = {
+                leaf: alignment({leaf: grads[leaf]}, {leaf: reference[leaf]})
+                for leaf in sorted(params)
+                if leaf not in SKIP
+            }
+    cosines = [j["cosine"] for j in joints]
+    spread = float(jnp.std(jnp.array(cosines))) if len(cosines) > 1 else None
+    return _mean(joints), spread, leaves
 
 
 def measure_model(model: str, args) -> dict:
     """Print one model's table and return its joint figures by ``"<algo>/k=<k>"``."""
-    step, params, hidden, xs, targets = problem(model, args)
-    reference = bptt_grad(step, M.mse, params, hidden, xs, targets, True)
-    print(f"\n== {model} (T={args.T}, B={args.B}, n={args.n}): cosine / sign / norm ratio ==")
-    print(f"{'algorithm':<14}" + "".join(f"{f'k={k}':>24}" for k in args.windows))
+    references = []
+    for seed in range(args.seeds):
+        step, params, hidden, xs, targets = problem(model, args, seed)
+        references.append(bptt_grad(step, M.mse, params, hidden, xs, targets, True))
+    print(
+        f"\n== {model} (T={args.T}, B={args.B}, n={args.n}, seeds={args.seeds}, "
+        f"self-gain={args.self_gain:g}, recurrent-scale={args.recurrent_scale:g}): "
+        "cosine / sign / norm ratio =="
+    )
+    print(f"{'algorithm':<14}" + "".join(f"{f'k={k}':>30}" for k in args.windows))
     figures = {}
-    for label, algo in algorithms(args.pp_decay).items():
+    chosen = {
+        k: v for k, v in algorithms(args.pp_decay).items() if k.split("(")[0] in args.algorithms
+    }
+    for label, algo in chosen.items():
         cells, leaves = [], []
         for k in args.windows:
-            grads = windowed_grads(step, algo, params, hidden, xs, targets, k)
-            joint = alignment(grads, reference, skip=SKIP)
+            joint, spread, per_leaf = _measure(model, algo, k, args, references)
             figures[f"{label}/k={k}"] = {name: round(v, 4) for name, v in joint.items()}
-            cells.append(_cell(joint))
-            leaves.append(
-                {
-                    leaf: alignment({leaf: grads[leaf]}, {leaf: reference[leaf]})
-                    for leaf in sorted(params)
-                    if leaf not in SKIP
-                }
-            )
+            if spread is not None:
+                figures[f"{label}/k={k}"]["cosine_std"] = round(spread, 4)
+            cells.append(_cell(joint, spread))
+            leaves.append(per_leaf)
         print(f"{label:<14}" + "".join(cells))
         if args.per_leaf:
             for leaf in leaves[0]:
@@ -119,6 +164,17 @@ def main() -> None:
     parser.add_argument("--pp-decay", type=float, default=0.9, help="pp_prop's trace decay")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--per-leaf", action="store_true", help="also print every leaf")
+    parser.add_argument("--seeds", type=int, default=1, help="parameter seeds to average")
+    parser.add_argument(
+        "--self-gain", type=float, default=0.0, help="added to the recurrent weights' diagonal"
+    )
+    parser.add_argument(
+        "--recurrent-scale", type=float, default=1.0, help="scales the random recurrent weights"
+    )
+    names = ["rtrl", "snap1", "d_rtrl", "pp_prop", "uoro", "tbptt"]
+    parser.add_argument(
+        "--algorithms", nargs="+", choices=names, default=names, help="the rows to measure"
+    )
     args = parser.parse_args()
 
     summary = {
@@ -128,6 +184,9 @@ def main() -> None:
             "n": args.n,
             "n_in": args.n_in,
             "seed": args.seed,
+            "seeds": args.seeds,
+            "self_gain": args.self_gain,
+            "recurrent_scale": args.recurrent_scale,
             "skip": list(SKIP),
         }
     }
@@ -136,7 +195,7 @@ def main() -> None:
             summary[f"{model}/{key}"] = figures
     print(
         "\nJoint over all leaves but the readout 'ro' (exact for every algorithm). "
-        "tbptt = OneStep windows: truncated BPTT over k steps, no traces."
+        "tbptt = OneStep windows: truncated BPTT over k steps, no traces; uoro: one key."
     )
     print(json.dumps(summary))
 

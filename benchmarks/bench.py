@@ -2,16 +2,19 @@
 
 For a vanilla RNN, a GRU and a recurrent 2-state LIF network (ETP dense layers,
 ``n`` hidden units, batch ``B``, ``--n-in`` inputs), it measures per time step,
-jitted and after warm-up, ``learner.scan`` for BPTT, OneStep, pp_prop and D-RTRL
-(interleaved repeats, median). D-RTRL is compared with its bandwidth bound: one
+jitted and after warm-up, ``learner.scan`` for BPTT, OneStep, pp_prop, D-RTRL,
+SnAp-1 and UORO (interleaved repeats, median). D-RTRL is compared with its bandwidth bound: one
 in-place read-modify-write pass over arrays of the traces' total size per step,
 timed in the same process; "traffic" is the trace bytes that bound moves per second.
 "floor" is OneStep plus the bound: D-RTRL does OneStep's work and at least that pass.
 ``--memory`` adds the compiled temp memory as T grows (and ``--plot PATH`` plots
-it). Nothing is written unless asked. The last stdout line is a JSON object.
+it). ``--rtrl`` times RTRL instead, against BPTT at each of n = 8, 16, 32, 64, with
+its influence memory per sample (it grows as ``H P``, its time as ``H^2 P``).
+Nothing is written unless asked. The last stdout line is a JSON object.
 
     python benchmarks/bench.py --quick        # small sizes, about a minute on 2 CPU cores
     python benchmarks/bench.py                # n=256, B=32, 8 inputs (the README table)
+    python benchmarks/bench.py --rtrl         # RTRL's growth with n (B=32)
     python benchmarks/bench.py --n 1024 --B 256 --memory
 """
 
@@ -38,6 +41,8 @@ ALGORITHMS = {
     "one_step": bt.OneStep(),
     "pp_prop": bt.pp_prop(0.9),
     "d_rtrl": bt.D_RTRL(),
+    "snap1": bt.SnAp1(),
+    "uoro": bt.UORO(),
 }
 
 
@@ -75,15 +80,15 @@ def _bound_runner(traces, t):
     return run, (leaves,)
 
 
-def time_per_step(model, n, batch, t, n_in, repeats) -> tuple[dict, int]:
+def time_per_step(model, n, batch, t, n_in, repeats, algorithms=None) -> tuple[dict, int]:
     """Median seconds per step per algorithm and the bound, and the trace bytes."""
     step, params, hidden, xs, targets = _setup(model, n, batch, t, n_in)
     runs = {}
-    for name, algo in ALGORITHMS.items():
+    for name, algo in (algorithms or ALGORITHMS).items():
         learner = bt.compile(step, M.mse, algo, batched=True)
         state = learner.init(params, hidden, xs[0])
         runs[name] = (jax.jit(learner.scan), (params, state, xs, targets))
-    traces = runs["d_rtrl"][1][1].traces
+    traces = runs["d_rtrl" if "d_rtrl" in runs else list(runs)[-1]][1][1].traces
     runs["bound"] = _bound_runner(traces, t)
     for fn, args in runs.values():
         jax.block_until_ready(fn(*args))  # compile and warm up
@@ -135,6 +140,8 @@ def _row(per_step: dict, trace_bytes: int) -> dict:
         "ms_per_step": ms,
         "pp_prop_over_bptt": round(per_step["pp_prop"] / per_step["bptt"], 3),
         "d_rtrl_over_bptt": round(per_step["d_rtrl"] / per_step["bptt"], 3),
+        "snap1_over_d_rtrl": round(per_step["snap1"] / per_step["d_rtrl"], 3),
+        "uoro_over_bptt": round(per_step["uoro"] / per_step["bptt"], 3),
         "d_rtrl_over_bound": round(per_step["d_rtrl"] / per_step["bound"], 3),
         # D-RTRL does OneStep's work and at least one pass over the traces.
         "d_rtrl_over_floor": round(
@@ -150,7 +157,8 @@ def _print_table(result: dict) -> None:
     header = (
         f"{'model':<6}"
         + "".join(f"{n:>10}" for n in names)
-        + f"{'pp/bptt':>9}{'dr/bound':>9}{'dr/floor':>9}{'GB/s':>7}"
+        + f"{'pp/bptt':>9}{'dr/bound':>9}{'dr/floor':>9}{'snap/dr':>9}{'uoro/bptt':>10}"
+        + f"{'GB/s':>7}"
     )
     print("ms per step")
     print(header)
@@ -159,8 +167,31 @@ def _print_table(result: dict) -> None:
         cells = "".join(f"{r['ms_per_step'][n]:>10.3f}" for n in names)
         print(
             f"{model:<6}{cells}{r['pp_prop_over_bptt']:>9.2f}{r['d_rtrl_over_bound']:>9.2f}"
-            f"{r['d_rtrl_over_floor']:>9.2f}{r['bound_GB_per_s']:>7.1f}"
+            f"{r['d_rtrl_over_floor']:>9.2f}{r['snap1_over_d_rtrl']:>9.2f}"
+            f"{r['uoro_over_bptt']:>10.2f}{r['bound_GB_per_s']:>7.1f}"
         )
+
+
+def rtrl_growth(models, sizes, batch, t, n_in, repeats) -> dict:
+    """RTRL against BPTT at each hidden size: ms per step, ratio, influence KiB per sample."""
+    algos = {"bptt": bt.BPTT(), "rtrl": bt.RTRL()}
+    result: dict = {}
+    print(f"RTRL against BPTT (B={batch}, T={t}): ms per step, ratio, influence per sample")
+    for model in models:
+        for n in sizes:
+            per_step, trace_bytes = time_per_step(model, n, batch, t, n_in, repeats, algos)
+            row = {
+                "bptt_ms": round(per_step["bptt"] * 1e3, 4),
+                "rtrl_ms": round(per_step["rtrl"] * 1e3, 4),
+                "rtrl_over_bptt": round(per_step["rtrl"] / per_step["bptt"], 2),
+                "influence_KiB_per_sample": round(trace_bytes / batch / 1024, 1),
+            }
+            result[f"{model}/n={n}"] = row
+            print(
+                f"{model:<5} n={n:<4} bptt {row['bptt_ms']:>8.3f}  rtrl {row['rtrl_ms']:>9.3f}"
+                f"  x{row['rtrl_over_bptt']:<8} {row['influence_KiB_per_sample']:>9.1f} KiB"
+            )
+    return result
 
 
 def _arguments():
@@ -174,6 +205,9 @@ def _arguments():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
     parser.add_argument("--memory", action="store_true", help="also sweep compiled memory in T")
     parser.add_argument("--plot", default="", help="PNG path for the memory sweep (off)")
+    parser.add_argument(
+        "--rtrl", action="store_true", help="time RTRL against BPTT for n = 8, 16, 32, 64"
+    )
     return parser.parse_args()
 
 
@@ -189,6 +223,10 @@ def main() -> None:
         f"device: {device.device_kind} ({jax.default_backend()}), n={n}, B={batch}, "
         f"n_in={args.n_in}, timed T={t}, repeats={repeats}"
     )
+    if args.rtrl:
+        growth = rtrl_growth(models, (8, 16, 32, 64), batch, t, args.n_in, repeats)
+        print(json.dumps({"device": device.device_kind, "B": batch, "rtrl": growth}))
+        return
     result = {m: _row(*time_per_step(m, n, batch, t, args.n_in, repeats)) for m in models}
     _print_table(result)
     if args.memory or args.plot:

@@ -4,12 +4,14 @@ The core is framework-agnostic; ``braintrace_flax`` and ``braintrace_eqx`` are t
 Flax and Equinox faces.
 """
 
-from . import algorithms, compiler, contract, ops, parallel, registry, surrogate
+from . import algorithms, compiler, contract, lru, ops, parallel, registry, surrogate
 from .algorithms import (
     ALGORITHM_NAMES,
     BPTT,
     D_RTRL,
     ES_D_RTRL,
+    RTRL,
+    UORO,
     Algorithm,
     DRTRLTraces,
     Learner,
@@ -18,6 +20,9 @@ from .algorithms import (
     OneStep,
     OnlineAlgorithm,
     PPTraces,
+    RTRLTraces,
+    SnAp1,
+    UOROTraces,
     algorithm_by_name,
     compile,
     pp_prop,
@@ -54,9 +59,15 @@ __all__ = [
     "NoTraces",
     "DRTRLTraces",
     "PPTraces",
+    "SnAp1",
+    "RTRL",
+    "UORO",
+    "RTRLTraces",
+    "UOROTraces",
     "ALGORITHM_NAMES",
     "algorithm_by_name",
     "spike",
     "surrogate",
+    "lru",
     "parallel",
 ]

@@ -48,7 +48,7 @@ def _drop_batch(var: Any) -> jax.ShapeDtypeStruct | None:
 
 
 def twin_rules(unbatched: Any) -> dict[str, Callable]:
-    """The six rules of the twin of ``unbatched``, by slot."""
+    """The rules of the twin of ``unbatched``, by slot."""
     rule = functools.partial(registry.get_rule, unbatched)
 
     def yw_to_w(output_vector, trace, **params):
@@ -68,6 +68,9 @@ def twin_rules(unbatched: Any) -> dict[str, Callable]:
             return dtrace
         return rule("trace_to_dw")(dtrace, w, **params)
 
+    def input_entries(*operands, input_index, **params):
+        return rule("input_entries")(*operands, input_index=input_index, **params)
+
     def init(slot):
         def zeros_with_batch(x_var, y_var, weight_var, num_states):
             one = rule(slot)(_drop_batch(x_var), _drop_batch(y_var), weight_var, num_states)
@@ -83,4 +86,5 @@ def twin_rules(unbatched: Any) -> dict[str, Callable]:
         init_pp=init("init_pp"),
         xy_to_trace=xy_to_trace,
         trace_to_dw=trace_to_dw,
+        input_entries=input_entries,
     )

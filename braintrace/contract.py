@@ -22,7 +22,8 @@ The four slots of the seed contract are ``yw_to_w``, ``xy_to_dw``, ``init_drtrl`
 and ``init_pp``. Two optional slots let an op keep its D-RTRL trace in another
 space than its trainables: LoRA keeps it on the effective weight ``W0 + s A B``,
 smaller than a trace on ``A`` and ``B`` and still exact because the chain back to
-``A`` and ``B`` is linear. The math behind the slots is in ``docs/algorithms.md``.
+``A`` and ``B`` is linear. The optional ``input_entries`` gives ``SnAp1`` the
+op's own entry of a recurrent weight. The math behind the slots is in ``docs/algorithms.md``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "InitPp",
     "XyToTrace",
     "TraceToDw",
+    "InputEntries",
     "check_rule",
 ]
 
@@ -212,8 +214,44 @@ class TraceToDw(Protocol):
     def __call__(self, dtrace: PyTree, w: Mapping[str, jax.Array], /, **params: Any) -> PyTree: ...
 
 
+class InputEntries(Protocol):
+    """Optional: entries of the op's Jacobian in its input, one per output element.
+
+    For an op linear in ``x`` (``dy/dx`` does not depend on ``x``), one sample's
+    ``out[j] = dy[j] / dx[input_index[j]]`` (``0`` where ``input_index[j] < 0``), over
+    the flattened ``y`` and ``x`` of one sample. ``SnAp1`` reads it for an op whose
+    input reads the state it drives: a dense op's ``W[k, k]`` for a square recurrent
+    weight (``docs/algorithms.md``, "SnAp-1").
+
+    Parameters
+    ----------
+    *operands : Array
+        The equation's operands, as the implementation receives them (``x`` with
+        its batch axis for a batched op; a frozen base weight too).
+    input_index : numpy.ndarray
+        ``int`` array with one entry per element of one sample's ``y`` (static).
+    **params
+        The equation's static parameters.
+
+    Returns
+    -------
+    Array
+        Flat, one entry per element of one sample's ``y``.
+    """
+
+    def __call__(self, *operands: jax.Array, input_index: Any, **params: Any) -> jax.Array: ...
+
+
 #: The rule slots, in installation order; the single place that lists them.
-RULE_SLOTS = ("yw_to_w", "xy_to_dw", "init_drtrl", "init_pp", "xy_to_trace", "trace_to_dw")
+RULE_SLOTS = (
+    "yw_to_w",
+    "xy_to_dw",
+    "init_drtrl",
+    "init_pp",
+    "xy_to_trace",
+    "trace_to_dw",
+    "input_entries",
+)
 #: The slots every op needs (the seed contract); the others are optional.
 SEED_RULE_SLOTS = RULE_SLOTS[:4]
 
@@ -255,6 +293,8 @@ class OpContract:
     yw_to_w, xy_to_dw, init_drtrl, init_pp, xy_to_trace, trace_to_dw : callable, optional
         The rules (see the Protocols of :mod:`braintrace.contract`); ``None`` until
         installed.
+    input_entries : callable, optional
+        The optional rule ``SnAp1`` reads (:class:`InputEntries`).
 
     Examples
     --------
@@ -282,6 +322,7 @@ class OpContract:
     init_pp: InitPp | None = None
     xy_to_trace: XyToTrace | None = None
     trace_to_dw: TraceToDw | None = None
+    input_entries: InputEntries | None = None
 
     def trainable_invars(self, params: Mapping[str, Any]) -> dict[str, int]:
         """Trainable operands of one equation, ``{name: operand_index}``."""

@@ -60,6 +60,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .algorithms import Learner, LearnerState
+from .algorithms.face import FaceLearner
 
 __all__ = ["batch_mesh", "replicate", "shard_batch", "shard_state", "data_parallel"]
 
@@ -255,11 +256,12 @@ def shard_state(state: LearnerState, mesh: Mesh, axis: str = "batch") -> Learner
 
 def _learner_of(method: Callable, where: str):
     """The learner a bound ``step``/``window``/``scan`` belongs to: a core
-    :class:`~braintrace.Learner`, or a face learner with a ``core_of(model)`` method."""
+    :class:`~braintrace.Learner`, or a face learner
+    (:class:`~braintrace.algorithms.face.FaceLearner`, whose ``core_of(model)`` gives
+    the core learner of a model)."""
     learner = getattr(method, "__self__", None)
     name = getattr(method, "__name__", None)
-    is_face = callable(getattr(type(learner), "core_of", None))
-    if not (isinstance(learner, Learner) or is_face) or name not in _METHODS:
+    if not isinstance(learner, (Learner, FaceLearner)) or name not in _METHODS:
         raise TypeError(
             f"braintrace.parallel.{where}: expected a learner's bound step, window or scan "
             f"(e.g. data_parallel(learner.scan, mesh)), got {method!r}. For an nn.RNN or "
@@ -331,7 +333,7 @@ def data_parallel(method: Callable, mesh: Mesh, axis: str = "batch") -> Callable
     """
     learner = _learner_of(method, "data_parallel")
     _check_axis(mesh, axis, "data_parallel")
-    if not isinstance(learner, Learner):
+    if isinstance(learner, FaceLearner):
         return _face_data_parallel(learner, method.__name__, mesh, axis)
     data = P(axis) if method.__name__ == "step" else P(None, axis)
     n = mesh.shape[axis]

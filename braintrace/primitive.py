@@ -26,6 +26,7 @@ from . import batched_twin, registry
 from .contract import (
     InitDrtrl,
     InitPp,
+    InputEntries,
     InvarsFn,
     OpContract,
     TraceToDw,
@@ -150,6 +151,11 @@ class ETPPrimitive(Primitive):
         self._install(trace_to_dw=fn)
         return fn
 
+    def register_input_entries(self, fn: InputEntries) -> InputEntries:
+        """Install the optional input-Jacobian entries (read by ``SnAp1``)."""
+        self._install(input_entries=fn)
+        return fn
+
     def register_etp_rules(
         self,
         *,
@@ -159,6 +165,7 @@ class ETPPrimitive(Primitive):
         init_pp: InitPp | None = None,
         xy_to_trace: XyToTrace | None = None,
         trace_to_dw: TraceToDw | None = None,
+        input_entries: InputEntries | None = None,
     ) -> ETPPrimitive:
         """Install several rules at once; an argument left ``None`` is skipped.
 
@@ -180,6 +187,7 @@ class ETPPrimitive(Primitive):
             init_pp=init_pp,
             xy_to_trace=xy_to_trace,
             trace_to_dw=trace_to_dw,
+            input_entries=input_entries,
         )
         self._install(**{slot: fn for slot, fn in given.items() if fn is not None})
         return self

@@ -48,6 +48,7 @@ __all__ = [
     "ETP_RULES_INIT_PP",
     "ETP_RULES_XY_TO_TRACE",
     "ETP_RULES_TRACE_TO_DW",
+    "ETP_RULES_INPUT_ENTRIES",
     "BATCHED_COUNTERPARTS",
     "RULE_TABLES",
     "is_etp_primitive",
@@ -198,6 +199,7 @@ ETP_RULES_INIT_DRTRL: Mapping = RULE_TABLES["init_drtrl"]
 ETP_RULES_INIT_PP: Mapping = RULE_TABLES["init_pp"]
 ETP_RULES_XY_TO_TRACE: Mapping = RULE_TABLES["xy_to_trace"]
 ETP_RULES_TRACE_TO_DW: Mapping = RULE_TABLES["trace_to_dw"]
+ETP_RULES_INPUT_ENTRIES: Mapping = RULE_TABLES["input_entries"]
 
 #: unbatched primitive -> the (still registered) batched primitive its ``vmap`` rebinds.
 BATCHED_COUNTERPARTS: Mapping = _ContractMapping(

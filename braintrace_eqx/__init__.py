@@ -1,9 +1,9 @@
 """braintrace for Equinox: ETP layers and cells as ``eqx.Module`` s, and the learner.
 
 Layers (:class:`ETPLinear`, :class:`ETPLoRA`, :class:`ETPElemwise`) and cells
-(:class:`ETPGRUCell`, :class:`ETPLSTMCell`, :class:`ETPLIFCell`) route their trainable
-arrays through braintrace's ETP ops; the twins of Equinox layers keep Equinox's
-fields, and :func:`from_eqx` / :func:`to_eqx` convert a whole model. :func:`compile`
+(:class:`ETPGRUCell`, :class:`ETPLSTMCell`, :class:`ETPLIFCell`, :class:`ETPLRUCell`)
+route their trainable arrays through braintrace's ETP ops; the twins of Equinox layers keep
+Equinox's fields, and :func:`from_eqx` / :func:`to_eqx` convert a whole model. :func:`compile`
 turns a per-sample model ``model(x, hidden) -> (hidden, out)`` into an online learner
 whose gradients are model-shaped pytrees for ``optax`` and ``eqx.apply_updates``.
 
@@ -21,7 +21,7 @@ Examples
 
 from braintrace.surrogate import spike
 
-from .cells import ETPGRUCell, ETPLIFCell, ETPLSTMCell
+from .cells import ETPGRUCell, ETPLIFCell, ETPLRUCell, ETPLSTMCell
 from .convert import from_eqx, to_eqx
 from .filters import trainable
 from .layers import ETPElemwise, ETPLinear, ETPLoRA
@@ -42,6 +42,7 @@ __all__ = [
     "ETPGRUCell",
     "ETPLSTMCell",
     "ETPLIFCell",
+    "ETPLRUCell",
     "spike",
     "from_eqx",
     "to_eqx",

@@ -11,7 +11,8 @@ an optimizer state or ``eqx.tree_at`` path of the Equinox cell fits the ETP cell
 :func:`~braintrace_eqx.from_eqx` / :func:`~braintrace_eqx.to_eqx` convert.
 
 ``ETPLIFCell`` is the leaky integrate-and-fire neuron of every braintrace face
-(linen's and NNX's ``ETPLIFCell`` are the same equations with the same parameters).
+(linen's and NNX's ``ETPLIFCell`` are the same equations with the same parameters), and
+``ETPLRUCell`` its linear recurrent unit (complex diagonal recurrence, exact for D-RTRL).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from braintrace import ops
+from braintrace import lru, ops
 from braintrace.surrogate import decay_logit, lif_step, spike
 
 from ._util import check_input, promote, rebuild
 from .layers import ETPElemwise, ETPLinear
 
-__all__ = ["ETPGRUCell", "ETPLSTMCell", "ETPLIFCell"]
+__all__ = ["ETPGRUCell", "ETPLSTMCell", "ETPLIFCell", "ETPLRUCell"]
 
 
 def _mv(x: Array, weight: Array, bias: Array | None = None) -> Array:
@@ -310,3 +311,105 @@ class ETPLIFCell(eqx.Module):
     def spike(self, hidden: tuple[Array, Array]) -> Array:
         """The spikes ``s = spike(v - threshold)`` of a state ``(v, i)``: the cell's output."""
         return spike(hidden[0] - self.threshold, self.slope)
+
+
+class ETPLRUCell(eqx.Module):
+    """A linear recurrent unit (LRU) layer: ``(re, im) = cell(x, (re, im))``, exact for D-RTRL.
+
+    The layer of every braintrace face (linen's and NNX's ``ETPLRUCell`` compute the
+    same equations with the same parameters; the math is :mod:`braintrace.lru`).
+    ``hidden_size`` complex units ``h = re + i im``::
+
+        u   = input(x)                       (ETPLinear, 2 * hidden outputs)
+        u   = u * sigmoid(gate(x))           (ETPLinear; only when gated=True)
+        |l| = nu() = exp(-exp(nu.weight))    (ETP elementwise op)
+        arg = theta() = exp(theta.weight)    (ETP elementwise op)
+        h_t = |l| e^(i arg) h_{t-1} + sqrt(1 - |l|^2) (u_re + i u_im)
+        y_t = cell.output(h_t) = layer_norm([re_t, im_t])   (normalize=False: [re, im])
+
+    One layer is in braintrace's exact class (D-RTRL's gradient equals BPTT's);
+    stacked, the top layer stays exact and the lower ones are approximate
+    (``docs/algorithms.md``, "The LRU cell"). Trainable: ``input.weight (2H, in)``
+    (Equinox's layout), ``input.bias``, ``gate.*`` (gated), ``nu.weight`` and
+    ``theta.weight`` ``(H,)``.
+
+    Parameters
+    ----------
+    input_size, hidden_size : int
+        Input size and complex units ``H`` (the output has ``2 H`` features).
+    r_min, r_max : float
+        The ring of initial eigenvalue magnitudes, ``0 <= r_min < r_max < 1``.
+    max_phase : float
+        Largest initial phase (radians).
+    gated, normalize, use_bias : bool
+        A sigmoid-gated drive; a layer-normalised output; biases on the projections.
+    dtype : dtype, optional
+        Parameter dtype (Equinox's default floating dtype if ``None``).
+    key : Array
+        Initialisation key. The input weight is normal with variance ``1 / (2 in)``
+        (the LRU paper's), the gate ``eqx.nn.Linear``'s.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, braintrace_eqx as bte
+    >>> cell = bte.ETPLRUCell(3, 4, key=jax.random.PRNGKey(0))
+    >>> hidden = cell(jnp.ones(3), (jnp.zeros(4), jnp.zeros(4)))
+    >>> cell.output(hidden).shape, cell.nu.weight.shape
+    ((8,), (4,))
+    """
+
+    input: ETPLinear
+    gate: ETPLinear | None
+    nu: ETPElemwise
+    theta: ETPElemwise
+    normalize: bool = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        r_min: float = 0.5,
+        r_max: float = 0.99,
+        max_phase: float = lru.DEFAULT_MAX_PHASE,
+        gated: bool = False,
+        normalize: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+        key: Array,
+    ):
+        lru.check_ring(
+            r_min, r_max, max_phase, f"braintrace_eqx.ETPLRUCell({input_size}, {hidden_size})"
+        )
+        k_in, k_w, k_gate, k_nu, k_theta = jax.random.split(key, 5)
+        layer = ETPLinear(input_size, 2 * hidden_size, use_bias, dtype, key=k_in)
+        dtype = layer.weight.dtype
+        weight = jax.random.normal(k_w, layer.weight.shape, dtype) / jnp.sqrt(2.0 * input_size)
+        self.input = eqx.tree_at(lambda m: m.weight, layer, weight)
+        self.gate = (
+            ETPLinear(input_size, 2 * hidden_size, use_bias, dtype, key=k_gate) if gated else None
+        )
+        shape = (hidden_size,)
+        self.nu = ETPElemwise(lru.nu_log_init(r_min, r_max)(k_nu, shape, dtype), lru.magnitude)
+        self.theta = ETPElemwise(lru.theta_log_init(max_phase)(k_theta, shape, dtype), lru.phase)
+        self.normalize = bool(normalize)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+
+    def __call__(
+        self, input: Array, hidden: tuple[Array, Array], *, key: Array | None = None
+    ) -> tuple[Array, Array]:
+        """One step; returns the new ``(re, im)``."""
+        del key
+        where = f"braintrace_eqx.ETPLRUCell({self.input_size}, {self.hidden_size})"
+        check_input(where, "input", input, self.input_size)
+        _check_pair(where, hidden, ("re", "im"), self.hidden_size)
+        gate = self.gate(input) if self.gate is not None else None
+        drive = lru.split_drive(self.input(input), gate)
+        return lru.lru_step(*hidden, *drive, self.nu.elem(), self.theta.elem())
+
+    def output(self, hidden: tuple[Array, Array]) -> Array:
+        """The features ``y`` of a state ``(re, im)``: the cell's output, ``(2 H,)``."""
+        return lru.lru_output(*hidden, self.normalize)

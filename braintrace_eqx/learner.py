@@ -8,15 +8,15 @@ trainable arrays (:func:`braintrace_eqx.trainable`) are the core learner's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 
-import braintrace as bt
-from braintrace.algorithms import Algorithm, LearnerState, checks
-from braintrace.compiler import CompileReport
+from braintrace.algorithms import Algorithm, checks
+from braintrace.algorithms.face import FaceLearner, ModelSplit
 
 from .filters import trainable
 
@@ -25,14 +25,71 @@ __all__ = ["Learner", "compile"]
 _WHERE = "braintrace_eqx learner"
 
 
-class Learner:
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """The Equinox face's :class:`~braintrace.algorithms.face.Splitter`: the arrays the
+    filter spec selects are the core's params; the rest of the model is closed over.
+    ``structure`` is that of the compiled model's params (a changed model is refused)."""
+
+    filter_spec: Any
+    batched: bool
+    structure: Any = None
+
+    @classmethod
+    def of(cls, model: Any, filter_spec: Any, batched: bool) -> _Split:
+        split = cls(filter_spec, batched)
+        return dataclasses.replace(
+            split, structure=jax.tree_util.tree_structure(split.params(model))
+        )
+
+    def spec(self, model: Any) -> Any:
+        return self.filter_spec(model) if callable(self.filter_spec) else self.filter_spec
+
+    def params(self, model: Any) -> Any:
+        return eqx.filter(model, self.spec(model))
+
+    def split(self, model: Any, what: str) -> ModelSplit:
+        params, static = eqx.partition(model, self.spec(model))
+        if jax.tree_util.tree_structure(params) != self.structure:
+            raise ValueError(
+                f"{_WHERE}.{what}: this model's structure differs from the model given to "
+                "braintrace_eqx.compile (a layer or a trainable leaf was added, removed or "
+                "frozen); compile a new learner for the new model."
+            )
+
+        def per_sample(p, hidden, x):
+            result = eqx.combine(p, static)(x, hidden)
+            if not isinstance(result, (tuple, list)) or len(result) != 2:
+                raise TypeError(
+                    f"{_WHERE}: the model must return (hidden, out) from model(x, hidden); got "
+                    f"{type(result).__name__}"
+                    + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
+                    + "."
+                )
+            return tuple(result)
+
+        step = jax.vmap(per_sample, in_axes=(None, 0, 0)) if self.batched else per_sample
+        return ModelSplit(step, params, _identity)
+
+
+def _identity(grads: Any) -> Any:
+    return grads
+
+
+class Learner(FaceLearner):
     """An online learner for an Equinox model; create it with :func:`braintrace_eqx.compile`.
 
     Every method takes the current ``model`` first (it changes as you train) and is
     a pure function of its arguments: wrap a training step in ``eqx.filter_jit``.
     ``grads`` always have the structure of ``learner.params(model)`` (``None`` at
     non-trainable leaves), which is what ``optax`` and ``eqx.apply_updates`` take.
+    ``init``, ``step``, ``window``, ``scan``, ``reset`` and ``report`` are those of
+    :class:`braintrace.algorithms.face.FaceLearner`; ``report`` paths are attribute
+    paths such as ``.cell.linear.weight``. With ``batched=True`` every leaf of
+    ``hidden``, ``x`` and ``target`` has a leading batch axis.
     """
+
+    face_name = "braintrace_eqx.Learner"
 
     def __init__(
         self,
@@ -52,107 +109,14 @@ class Learner:
         if not callable(loss_fn):
             raise TypeError("braintrace_eqx.compile: loss_fn(out, target) must be callable.")
         checks.check_algorithm(algorithm, "braintrace_eqx.compile")
-        self.loss_fn = loss_fn
-        self.algorithm = algorithm
-        self.batched = bool(batched)
-        self.strict = bool(strict)
         self.filter_spec = filter_spec
-        self._structure = jax.tree_util.tree_structure(self.params(model))
-        self._template, _ = self._core(model, "compile")
-
-    def __repr__(self) -> str:
-        return (
-            f"braintrace_eqx.Learner({self.algorithm!r}, batched={self.batched}, "
-            f"strict={self.strict})"
-        )
-
-    # -- the model as a core step ----------------------------------------------------
-    def _spec(self, model: Any) -> Any:
-        return self.filter_spec(model) if callable(self.filter_spec) else self.filter_spec
+        splitter = _Split.of(model, filter_spec, bool(batched))
+        super().__init__(splitter, model, loss_fn, algorithm, batched=batched, strict=strict)
 
     def params(self, model: Any) -> Any:
         """The trained arrays of ``model`` (``eqx.filter(model, spec)``): give this to
         ``optimizer.init``; gradients have its structure."""
-        return eqx.filter(model, self._spec(model))
-
-    def _core(self, model: Any, what: str) -> tuple[bt.Learner, Any]:
-        params, static = eqx.partition(model, self._spec(model))
-        if jax.tree_util.tree_structure(params) != self._structure:
-            raise ValueError(
-                f"{_WHERE}.{what}: this model's structure differs from the model given to "
-                "braintrace_eqx.compile (a layer or a trainable leaf was added, removed or "
-                "frozen); compile a new learner for the new model."
-            )
-
-        def per_sample(p, hidden, x):
-            result = eqx.combine(p, static)(x, hidden)
-            if not isinstance(result, (tuple, list)) or len(result) != 2:
-                raise TypeError(
-                    f"{_WHERE}: the model must return (hidden, out) from model(x, hidden); got "
-                    f"{type(result).__name__}"
-                    + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
-                    + "."
-                )
-            return tuple(result)
-
-        step = jax.vmap(per_sample, in_axes=(None, 0, 0)) if self.batched else per_sample
-        core = bt.compile(
-            step, self.loss_fn, self.algorithm, batched=self.batched, strict=self.strict
-        )
-        return core, params
-
-    def core_of(self, model: Any) -> tuple[bt.Learner, Any, Callable]:
-        """``(core learner, params, to_grads)`` for ``model``: the core learner of its
-        step, its trained arrays, and the map from core gradients to this face's
-        (here the identity). ``braintrace.parallel.data_parallel`` uses it."""
-        core, params = self._core(model, "core_of")
-        return core, params, lambda grads: grads
-
-    # -- the learner API ---------------------------------------------------------------
-    def report(self, model: Any, hidden: Any, x: Any) -> CompileReport:
-        """The compile report; paths are attribute paths such as ``.cell.linear.weight``."""
-        core, params = self._core(model, "report")
-        return core.report(params, hidden, x)
-
-    def init(self, model: Any, hidden: Any, x: Any, *, key: Any = None) -> LearnerState:
-        """Zero traces for the initial ``hidden`` (``x``: one step's input, for shapes).
-
-        With ``batched=True`` every leaf of ``hidden`` and ``x`` has a leading batch axis.
-        ``key`` seeds a random algorithm (see ``braintrace.Learner.init``).
-        """
-        core, params = self._core(model, "init")
-        return core.init(params, hidden, x, key=key)
-
-    def step(self, model: Any, state: LearnerState, x: Any, target: Any):
-        """One time step: ``((loss, out), grads, new_state)``.
-
-        ``loss`` is ``loss_fn(out, target)`` (the batch mean with ``batched=True``);
-        ``grads`` is braintrace's online gradient of it, shaped like
-        ``learner.params(model)``.
-        """
-        core, params = self._core(model, "step")
-        return core.step(params, state, x, target)
-
-    def scan(
-        self, model: Any, state: LearnerState, xs: Any, targets: Any, window: int | None = None
-    ):
-        """Run over time-major ``xs``/``targets``: ``((losses, outs), grads, state)``.
-
-        ``grads`` is the sum of the gradients of consecutive windows of ``window``
-        steps (``braintrace.Learner.scan``; for ``bt.BPTT()`` the exact gradient of the
-        summed loss), shaped like ``learner.params(model)``.
-        """
-        core, params = self._core(model, "scan")
-        return core.scan(params, state, xs, targets, window=window)
-
-    def window(self, model: Any, state: LearnerState, xs: Any, targets: Any):
-        """One window of ``len(xs)`` time-major steps (``braintrace.Learner.window``)."""
-        core, params = self._core(model, "window")
-        return core.window(params, state, xs, targets)
-
-    def reset(self, state: LearnerState, mask: Any = None, hidden: Any = None) -> LearnerState:
-        """Start new episodes: fresh hidden state, zero traces (``braintrace.Learner.reset``)."""
-        return self._template.reset(state, mask=mask, hidden=hidden)
+        return self.splitter.params(model)
 
 
 def compile(

@@ -4,7 +4,8 @@ Linen (this module):
 
 - :class:`ETPDense`, :class:`ETPLoRA`, :class:`ETPElemwise`: linen layers whose
   parameters train by eligibility traces (``ETPDense`` is a drop-in for ``nn.Dense``).
-- :class:`ETPLIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`: ready recurrent cells.
+- :class:`ETPLIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`, :class:`ETPLRUCell`: ready
+  recurrent cells.
 - :func:`compile`: a linen module (or an ``nn.RNN``) and a loss to ``braintrace``'s
   online learner; ``convert_dense=True`` runs stock ``nn.Dense`` layers through ETP ops.
 
@@ -29,6 +30,7 @@ from ._sequence import SequenceLearner
 from .cells import (
     ETPGRUCell,
     ETPLIFCell,
+    ETPLRUCell,
     ETPLSTMCell,
     ExpDecay,
     LIFCell,
@@ -50,6 +52,7 @@ __all__ = [
     "LIFCell",
     "ETPGRUCell",
     "ETPLSTMCell",
+    "ETPLRUCell",
     "ExpDecay",
     "spike",
     "gru_forward",

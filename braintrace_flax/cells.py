@@ -4,6 +4,8 @@
   two states (voltage, current), trainable membrane decay, surrogate-gradient spikes.
 - :class:`ETPGRUCell`, :class:`ETPLSTMCell`: ``nn.GRUCell`` / ``nn.LSTMCell`` with
   every gate kernel behind an ETP dense op; same fields, parameters and outputs.
+- :class:`ETPLRUCell`: the linear recurrent unit of every braintrace face (complex
+  diagonal recurrence, carry ``(re, im)``), in which D-RTRL is exact.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from braintrace import lru
 from braintrace.surrogate import decay_logit, lif_step, spike
 
 from .layers import ETPDense, ETPElemwise, autoname_like
@@ -27,6 +30,7 @@ __all__ = [
     "LIFCell",
     "ETPGRUCell",
     "ETPLSTMCell",
+    "ETPLRUCell",
     "gru_forward",
     "lstm_forward",
 ]
@@ -297,3 +301,121 @@ class ETPLSTMCell(nn.LSTMCell):
     def __call__(self, carry: tuple[Array, Array], inputs: Array):
         """One LSTM step: ``((c', h'), h')``."""
         return lstm_forward(self, carry, inputs)
+
+
+class ETPLRUCell(nn.RNNCellBase):
+    r"""A linear recurrent unit (LRU) layer: complex diagonal recurrence, exact for D-RTRL.
+
+    The layer of every braintrace face (NNX's :class:`braintrace_flax.nnx.ETPLRUCell`
+    and Equinox's :class:`braintrace_eqx.ETPLRUCell` compute the same equations with
+    the same parameters; the math is :mod:`braintrace.lru`). ``features`` complex units
+    ``h = re + i im``, carry ``(re, im)``::
+
+        u   = x @ W + b                      (ETPDense 'input', 2 * features outputs)
+        u   = u * sigmoid(x @ W_g + b_g)     (ETPDense 'gate'; only when gated=True)
+        |l| = exp(-exp(nu_log))              (ETPElemwise 'nu')
+        arg = exp(theta_log)                 (ETPElemwise 'theta')
+        h_t = |l| e^(i arg) h_{t-1} + sqrt(1 - |l|^2) (u_re + i u_im)
+        y_t = layer_norm([re_t, im_t])       (no parameters; normalize=False: [re, im])
+
+    Every parameter reaches the state through ETP ops and no op reads the state, so
+    one layer is in braintrace's exact class: D-RTRL's gradient equals BPTT's. Stacked
+    (one cell's ``y`` the next one's ``x``), the top layer stays exact and the lower
+    ones are approximate (``docs/algorithms.md``, "The LRU cell"). The eigenvalue
+    magnitudes start uniform on the ring ``r_min <= |l| <= r_max`` and the phases in
+    ``(0, max_phase]``. Parameters: ``input/kernel (in, 2 features)``, ``input/bias``,
+    ``gate/...`` (gated), ``nu/weight``, ``theta/weight`` ``(features,)``.
+
+    Attributes
+    ----------
+    features : int
+        Complex units ``H``; the output has ``2 H`` features.
+    r_min, r_max : float
+        The ring of initial eigenvalue magnitudes, ``0 <= r_min < r_max < 1``.
+    max_phase : float
+        Largest initial phase (radians).
+    gated : bool
+        Multiply the drive by a sigmoid gate of the input (a GLU drive).
+    normalize : bool
+        Layer-normalise the output.
+    use_bias : bool
+        Biases on the input (and gate) projection.
+    kernel_init, bias_init : initializer
+        Of the input projection (default: variance ``1 / (2 in)``, the LRU paper's);
+        the gate uses ``nn.Dense``'s defaults.
+    dtype, param_dtype : dtype
+        As ``nn.Dense``'s.
+    carry_init : initializer
+        For ``initialize_carry``.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from braintrace_flax import ETPLRUCell
+    >>> cell = ETPLRUCell(4)
+    >>> x = jnp.ones((2, 3))
+    >>> carry = cell.initialize_carry(jax.random.key(0), x.shape)
+    >>> v = cell.init(jax.random.key(1), carry, x)
+    >>> (re, im), y = cell.apply(v, carry, x)
+    >>> y.shape, sorted(v['params'])
+    ((2, 8), ['input', 'nu', 'theta'])
+    """
+
+    features: int
+    r_min: float = 0.5
+    r_max: float = 0.99
+    max_phase: float = lru.DEFAULT_MAX_PHASE
+    gated: bool = False
+    normalize: bool = True
+    use_bias: bool = True
+    kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(0.5, "fan_in", "normal")
+    bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Callable[..., Array] = nn.initializers.zeros_init()
+
+    def _dense(self, name: str, kernel_init: Callable[..., Array]) -> ETPDense:
+        return ETPDense(
+            2 * self.features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=kernel_init,
+            bias_init=self.bias_init,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, carry: tuple[Array, Array], inputs: Array):
+        """One step: ``((re_t, im_t), y_t)``."""
+        lru.check_ring(self.r_min, self.r_max, self.max_phase, f"ETPLRUCell({self.features})")
+        re, im = carry
+        u = self._dense("input", self.kernel_init)(inputs)
+        gate = self._dense("gate", nn.initializers.lecun_normal())(inputs) if self.gated else None
+        shape = (self.features,)
+        mag = ETPElemwise(
+            shape,
+            lru.nu_log_init(self.r_min, self.r_max),
+            lru.magnitude,
+            self.param_dtype,
+            name="nu",
+        )()
+        arg = ETPElemwise(
+            shape, lru.theta_log_init(self.max_phase), lru.phase, self.param_dtype, name="theta"
+        )()
+        re, im = lru.lru_step(re, im, *lru.split_drive(u, gate), mag, arg)
+        return (re, im), lru.lru_output(re, im, self.normalize)
+
+    @nn.nowrap
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]):
+        """Zero state: ``(re, im)``, each ``input_shape[:-1] + (features,)``."""
+        k1, k2 = jax.random.split(rng)
+        shape = tuple(input_shape[:-1]) + (self.features,)
+        return (
+            self.carry_init(k1, shape, self.param_dtype),
+            self.carry_init(k2, shape, self.param_dtype),
+        )
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1

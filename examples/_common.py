@@ -6,11 +6,15 @@ folder on ``sys.path`` and they import this module as ``import _common as common
 
 Command line
     :func:`argument_parser` (description from the script's docstring, defaults shown)
-    and :func:`add_run_flags` (``--seed``, ``--out``, ``--quick``, ``--verbose``).
+    and :func:`add_run_flags` (``--seed``, ``--out``, ``--quick``, ``--verbose``,
+    ``--no-plot``, ``--quiet``). Every flag carries help text.
 Training loop helpers
     :func:`batches_per_epoch`, :func:`minibatches` (shuffled index arrays of full
-    mini-batches, so a jitted update compiles once), :func:`progress` (a tqdm bar).
+    mini-batches, so a jitted update compiles once), :func:`progress` (a tqdm bar,
+    silent with ``--quiet``).
 Plot
+    :func:`plot_path`: where a run's PNG goes (a ``--quick`` run's name ends in
+    ``_quick``, so it never overwrites the full run's; ``None`` with ``--no-plot``).
     :func:`plot_training`: training loss per update (smoothed) and accuracy per
     evaluation, one line per run, optionally a third panel drawn by the caller.
     A run's history is a dict with ``"loss"`` (one value per update), ``"eval_at"``
@@ -55,14 +59,28 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     )
 
 
-def add_run_flags(parser: argparse.ArgumentParser, *, quick_help: str, verbose_help: str) -> None:
-    """The flags every example has: ``--seed``, ``--out``, ``--quick`` and ``--verbose``."""
+def add_run_flags(
+    parser: argparse.ArgumentParser, *, quick_help: str, verbose_help: str, plot: bool = True
+) -> None:
+    """The flags every example has: ``--seed``, ``--quick``, ``--verbose`` and ``--quiet``;
+    with ``plot``, ``--out`` and ``--no-plot`` too."""
     parser.add_argument("--seed", type=int, default=0, help="seed for init and data order")
+    if plot:
+        parser.add_argument(
+            "--out", type=pathlib.Path, default=OUT_DIR, help="directory for the PNG plot"
+        )
+        parser.add_argument(
+            "--no-plot", action="store_true", help="write no PNG (the JSON summary's plot is null)"
+        )
     parser.add_argument(
-        "--out", type=pathlib.Path, default=OUT_DIR, help="directory for the PNG plot"
+        "--quick", action="store_true", help=quick_help + " (its plot gets a name of its own)"
     )
-    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (the results and the JSON summary line are still printed)",
+    )
 
 
 # -- training loop ------------------------------------------------------------------------
@@ -83,9 +101,10 @@ def minibatches(
         yield order[i * batch_size : (i + 1) * batch_size]
 
 
-def progress(total: int, unit: str = "batch") -> tqdm:
-    """A progress bar over ``total`` updates (use it as a context manager)."""
-    return tqdm(total=total, unit=unit)
+def progress(total: int, unit: str = "batch", quiet: bool = False) -> tqdm:
+    """A progress bar over ``total`` updates (use it as a context manager); with
+    ``quiet`` it draws nothing (its ``update`` and ``set_postfix`` still work)."""
+    return tqdm(total=total, unit=unit, disable=quiet)
 
 
 def print_summary(summary: dict) -> dict:
@@ -97,6 +116,14 @@ def print_summary(summary: dict) -> dict:
 # -- plot -----------------------------------------------------------------------------------
 
 
+def plot_path(args: argparse.Namespace, stem: str) -> pathlib.Path | None:
+    """The PNG of this run: ``OUT/<stem>.png``, ``OUT/<stem>_quick.png`` for a ``--quick``
+    run (a smoke run never overwrites the full run's plot), ``None`` with ``--no-plot``."""
+    if args.no_plot:
+        return None
+    return args.out / f"{stem}{'_quick' if args.quick else ''}.png"
+
+
 def smooth(values, width: int) -> np.ndarray:
     """Moving average over ``width`` values (the per-batch loss is noisy)."""
     width = max(1, min(width, len(values)))
@@ -105,7 +132,7 @@ def smooth(values, width: int) -> np.ndarray:
 
 def plot_training(
     histories: dict,
-    path: pathlib.Path,
+    path: pathlib.Path | None,
     title: str,
     *,
     chance: float,
@@ -120,8 +147,8 @@ def plot_training(
     ----------
     histories : dict
         ``{run name: history}`` (see the module docstring for a history's keys).
-    path : pathlib.Path
-        Where to write the PNG (parent folders are created).
+    path : pathlib.Path or None
+        Where to write the PNG (parent folders are created); ``None`` writes nothing.
     title : str
         The figure's title.
     chance, ideal : float
@@ -133,6 +160,8 @@ def plot_training(
     extra : callable, optional
         ``extra(ax)`` draws a third panel.
     """
+    if path is None:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -220,8 +249,8 @@ def digits_args(doc: str, argv, algorithms) -> argparse.Namespace:
         action="store_true",
         help="also train with BPTT and plot both (about twice the time)",
     )
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per update")
     p.add_argument("--hidden", type=int, default=128, help="GRU units")
     p.add_argument(
         "--chunk",
@@ -293,13 +322,13 @@ def run_digits_job(example: str, title: str, train: Callable, args) -> dict:
     names = [args.algorithm] + (["bptt"] if args.compare and args.algorithm != "bptt" else [])
     per_epoch = batches_per_epoch(len(data[0]), args.batch_size, args.max_batches)
     histories, seconds = {}, {}
-    with progress(len(names) * args.epochs * per_epoch) as bar:
+    with progress(len(names) * args.epochs * per_epoch, quiet=args.quiet) as bar:
         for name in names:
             t0 = time.perf_counter()
             histories[name] = train(name, data, args, bar)
             seconds[name] = round(time.perf_counter() - t0, 1)
     steps = 64 // args.chunk
-    png = args.out / f"{example}_{'_vs_'.join(names)}.png"
+    png = plot_path(args, f"{example}_{'_vs_'.join(names)}")
     plot_training(
         histories,
         png,
@@ -312,7 +341,7 @@ def run_digits_job(example: str, title: str, train: Callable, args) -> dict:
             f"{name:8s} test accuracy {h['test_acc'][-1]:.3f} "
             f"(train {h['train_acc'][-1]:.3f}) in {seconds[name]:.1f} s"
         )
-    print(f"plot: {png}")
+    print(f"plot: {png}" if png else "plot: none (--no-plot)")
     main = histories[args.algorithm]
     summary = {
         "example": example,
@@ -325,7 +354,7 @@ def run_digits_job(example: str, title: str, train: Callable, args) -> dict:
         "hidden": args.hidden,
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
-        "plot": str(png),
+        "plot": str(png) if png else None,
     }
     if "bptt" in histories and args.algorithm != "bptt":
         summary["bptt_test_accuracy"] = round(histories["bptt"]["test_acc"][-1], 4)

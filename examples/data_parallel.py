@@ -53,26 +53,36 @@ import braintrace as bt
 from braintrace import parallel
 from braintrace.testing import models
 
-ALGORITHMS = {"d_rtrl": lambda: bt.D_RTRL(), "pp_prop": lambda: bt.pp_prop(0.9)}
+ALGORITHMS = {
+    "d_rtrl": lambda: bt.D_RTRL(),
+    "pp_prop": lambda: bt.pp_prop(0.9),
+    "snap1": lambda: bt.SnAp1(),
+    "rtrl": lambda: bt.RTRL(),
+    "uoro": lambda: bt.UORO(),
+}
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
 N_IN = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="d_rtrl")
+    parser.add_argument(
+        "--algorithm", choices=sorted(ALGORITHMS), default="d_rtrl", help="online algorithm"
+    )
     parser.add_argument(
         "--cpu-devices",
         type=int,
         default=0,
         help="split the CPU into this many XLA devices (0: leave JAX's default)",
     )
-    parser.add_argument("--batch-per-device", type=int, default=4)
+    parser.add_argument("--batch-per-device", type=int, default=4, help="samples on each device")
     parser.add_argument("--hidden", type=int, default=16, help="GRU units")
     parser.add_argument("--steps", type=int, default=40, help="time steps per episode")
-    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument(
+        "--episodes", type=int, default=3, help="episodes (a fresh state, then Adam per step)"
+    )
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for init and data")
     return parser.parse_args(argv)
 
 

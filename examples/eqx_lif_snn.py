@@ -325,8 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--decision", type=int, default=10, help="decision-window steps")
     p.add_argument("--lines", type=int, default=10, help="input neurons per channel")
     p.add_argument("--rate", type=float, default=0.05, help="mean input spike probability/step")
-    p.add_argument("--train-trials", type=int, default=8192)
-    p.add_argument("--test-trials", type=int, default=1024)
+    p.add_argument("--train-trials", type=int, default=8192, help="trials to train on")
+    p.add_argument("--test-trials", type=int, default=1024, help="held-out trials to score")
     p.add_argument("--eval-every", type=int, default=100, help="updates between test evals")
     common.add_run_flags(
         p,
@@ -351,12 +351,12 @@ def main(argv=None) -> dict:
 
     names = [args.algorithm] + (["bptt"] if args.compare and args.algorithm != "bptt" else [])
     histories = {}
-    with common.progress(len(names) * args.iterations, unit="update") as progress:
+    with common.progress(len(names) * args.iterations, unit="update", quiet=args.quiet) as progress:
         for name in names:
             histories[name] = train(name, data, args, progress)
 
     T = args.cue + args.delay + args.decision
-    png = args.out / f"eqx_lif_snn_{'_vs_'.join(names)}.png"
+    png = common.plot_path(args, f"eqx_lif_snn_{'_vs_'.join(names)}")
     title = (
         f"Equinox LIF network, evidence accumulation (T={T}, {args.hidden} neurons; "
         f"chance {CHANCE:.0%}, ideal observer {ideal:.1%})"
@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
         "spike_rate": round(main_h["spike_rate"][-1], 4),
         "median_tau_steps": round(float(np.median(main_h["tau_end"])), 2),
         "seed": args.seed,
-        "plot": str(png),
+        "plot": str(png) if png else None,
     }
     if args.algorithm != "bptt":
         # How close the online gradient is to the exact one, on the initial model.

@@ -195,7 +195,7 @@ def parse_args(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument(
         "--algorithm",
-        choices=("d_rtrl", "pp_prop", "one_step"),
+        choices=("d_rtrl", "pp_prop", "snap1", "rtrl", "uoro", "one_step"),
         default="d_rtrl",
         help="online algorithm for the adaptation (pretraining is always BPTT; "
         "one_step: the no-trace control)",
@@ -205,9 +205,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--hidden", type=int, default=64, help="GRU units")
-    p.add_argument("--pretrain-epochs", type=int, default=30)
-    p.add_argument("--adapt-epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--pretrain-epochs", type=int, default=30, help="BPTT epochs on the original digits"
+    )
+    p.add_argument(
+        "--adapt-epochs", type=int, default=15, help="online LoRA epochs on the mirrored digits"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per update")
     p.add_argument("--lr", type=float, default=3e-3, help="pretraining Adam peak rate")
     p.add_argument("--adapt-lr", type=float, default=1e-2, help="adaptation Adam peak rate")
     p.add_argument("--decay", type=float, default=0.9, help="pp_prop's trace decay")
@@ -238,7 +242,7 @@ def main(argv=None) -> dict:
     x0 = jnp.zeros((args.batch_size, 8), jnp.float32)
     total = (args.pretrain_epochs + len(runs) * args.adapt_epochs) * per_epoch
 
-    with common.progress(total) as progress:
+    with common.progress(total, quiet=args.quiet) as progress:
         # 1. Pretrain every weight with exact BPTT on the original digits.
         base_model = AdaptableGRU(args.hidden)
         base_params = base_model.init(jax.random.key(args.seed), h0, x0)["params"]
@@ -313,7 +317,7 @@ def main(argv=None) -> dict:
         }
         for name, p in adapted.items()
     }
-    png = args.out / f"flax_lora_adapt_{'_vs_'.join(runs)}.png"
+    png = common.plot_path(args, f"flax_lora_adapt_{'_vs_'.join(runs)}")
     common.plot_training(
         curves,
         png,
@@ -340,7 +344,7 @@ def main(argv=None) -> dict:
             f"after {name:7s} adaptation: mirrored test acc {acc['shifted']:.3f} "
             f"(original {acc['original']:.3f}) in {seconds[name]:.1f} s"
         )
-    print(f"plot: {png}")
+    print(f"plot: {png}" if png else "plot: none (--no-plot)")
     summary = {
         "example": "flax_lora_adapt",
         "algorithm": args.algorithm,
@@ -357,7 +361,7 @@ def main(argv=None) -> dict:
         "adapt_seconds": seconds[args.algorithm],
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
-        "plot": str(png),
+        "plot": str(png) if png else None,
     }
     if "bptt" in after:
         summary["bptt_test_accuracy"] = round(after["bptt"]["shifted"], 4)

@@ -58,7 +58,8 @@ Run
 ``python examples/long_range.py --quick``         (a seconds-long smoke run)
 
 The plot (loss, test accuracy, temp memory against the distance) goes to ``--plot``
-(default ``examples/out/long_range.png``); the last stdout line is a JSON summary
+(default ``examples/out/long_range.png``, ``long_range_quick.png`` for ``--quick``;
+none with ``--no-plot``); the last stdout line is a JSON summary
 ``{"example": "long_range", "rows": {name: {"test_accuracy", "seconds", "temp_MiB",
 ...}}, ...}``.
 """
@@ -263,7 +264,7 @@ def summarize(histories: dict, args, plot_path, total_seconds: float) -> dict:
         "chance": CHANCE,
         "seed": args.seed,
         "total_seconds": round(total_seconds, 1),
-        "plot": str(plot_path),
+        "plot": str(plot_path) if plot_path else None,
     }
 
 
@@ -272,7 +273,9 @@ def summarize(histories: dict, args, plot_path, total_seconds: float) -> dict:
 
 def parse_args(argv=None):
     p = common.argument_parser(__doc__)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to train"
+    )
     p.add_argument("--window", type=int, default=10, help="TBPTT / D-RTRL window (steps)")
     p.add_argument("--distance", type=int, default=150, help="steps from cue end to answer")
     p.add_argument("--cue", type=int, default=10, help="cue steps")
@@ -281,13 +284,16 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=600, help="Adam updates per method")
     p.add_argument("--batch-size", type=int, default=64, help="fresh trials per update")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
-    p.add_argument("--test-trials", type=int, default=2048)
+    p.add_argument("--test-trials", type=int, default=2048, help="held-out trials to score")
     p.add_argument("--eval-every", type=int, default=50, help="updates between test evals")
     p.add_argument(
         "--memory-factor", type=int, default=10, help="also read memory at this x distance"
     )
     p.add_argument(
-        "--plot", type=pathlib.Path, default=None, help="PNG path (default: OUT/long_range.png)"
+        "--plot",
+        type=pathlib.Path,
+        default=None,
+        help="PNG path (default: OUT/long_range.png; OUT/long_range_quick.png with --quick)",
     )
     common.add_run_flags(
         p, quick_help="tiny run for smoke tests (seconds)", verbose_help="print the compile report"
@@ -311,11 +317,12 @@ def main(argv=None) -> dict:
     # Compile the evaluation here, outside every method's clock.
     evaluate(init_params(jax.random.PRNGKey(0), 1 + args.distractors, args.hidden), *test_set)
     histories = {}
-    with common.progress(len(args.methods) * args.iterations, unit="update") as progress:
+    total = len(args.methods) * args.iterations
+    with common.progress(total, unit="update", quiet=args.quiet) as progress:
         for name in args.methods:
             histories[name] = train(name, sample, test_set, args, progress)
 
-    plot_path = args.plot or args.out / "long_range.png"
+    plot_path = None if args.no_plot else args.plot or common.plot_path(args, "long_range")
     title = (
         f"cue recall across {args.distance} distractor steps (window {args.window}, "
         f"{args.hidden} leaky neurons, {args.distractors} noise lines; chance {CHANCE:.0%})"
@@ -339,7 +346,7 @@ def main(argv=None) -> dict:
             f"{name:<15}{h['test_acc'][-1]:>9.3f}{h['seconds']:>9.1f}"
             f"{h['memory_MiB'][args.distance]:>10.2f}{h['memory_MiB'][far]:>10.2f}"
         )
-    print(f"chance {CHANCE:.3f}; plot: {plot_path}")
+    print(f"chance {CHANCE:.3f}; plot: {plot_path or 'none (--no-plot)'}")
     return common.print_summary(summarize(histories, args, plot_path, time.perf_counter() - start))
 
 

@@ -61,8 +61,19 @@ def _steps_in_user_scan(learner, params, state, xs, targets):
 # -- the exact class ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("model", sorted(EXACT_MODELS))
+# Every model and every mode runs in the default suite, each model in one mode (the
+# other six pairs with -m slow; test_exactness.py covers the exact class again).
+_FAST_EXACT = {("alif", "vmapped"), ("lif", "batched"), ("lora", "unbatched")}
+
+
+@pytest.mark.parametrize(
+    "model, mode",
+    [
+        pytest.param(m, mode, marks=() if (m, mode) in _FAST_EXACT else (pytest.mark.slow,))
+        for m in sorted(EXACT_MODELS)
+        for mode in MODES
+    ],
+)
 def test_drtrl_equals_bptt_in_exact_class(model, mode):
     step, make_params, names = EXACT_MODELS[model]
     step = _step_for(step, mode)
@@ -414,10 +425,13 @@ def test_algorithm_by_name():
     assert isinstance(bt.algorithm_by_name("d_rtrl"), bt.D_RTRL)
     assert bt.algorithm_by_name("ES_D_RTRL", decay_or_rank=3).alpha_x == 0.5
     assert isinstance(bt.algorithm_by_name("bptt"), bt.BPTT)
-    assert set(bt.ALGORITHM_NAMES) == {"d_rtrl", "pp_prop", "bptt", "one_step"}
+    names = {"d_rtrl", "pp_prop", "snap1", "rtrl", "uoro", "bptt", "one_step"}
+    assert set(bt.ALGORITHM_NAMES) == names
     assert isinstance(bt.algorithm_by_name("one_step"), bt.OneStep)
-    with pytest.raises(ValueError, match="unknown algorithm 'rtrl'"):
-        bt.algorithm_by_name("rtrl")
+    for name, cls in (("snap1", bt.SnAp1), ("RTRL", bt.RTRL), ("uoro", bt.UORO)):
+        assert type(bt.algorithm_by_name(name)) is cls
+    with pytest.raises(ValueError, match="unknown algorithm 'snap2'"):
+        bt.algorithm_by_name("snap2")
 
 
 def test_one_step_baseline_is_the_truncated_gradient():

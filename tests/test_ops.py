@@ -675,6 +675,9 @@ def test_builtin_rules_follow_the_slot_protocols(case):
             continue
         sig = inspect.signature(registry.get_rule(prim, slot))
         kwargs = params if slot not in ("init_drtrl", "init_pp") else {}
+        if slot == "input_entries":  # the equation's operands, then the index
+            sig.bind(*[None] * len(eqn.invars), input_index=None, **kwargs)
+            continue
         sig.bind(*[None] * _RULE_ARITY[slot], **kwargs)  # raises TypeError if not
         assert not {"hidden_dim", "num_hidden_state"} & set(sig.parameters), slot
 

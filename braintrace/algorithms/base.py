@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compiler.forward import forward
 from ..compiler.graph import ETPGraph, StepParts
+from ..compiler.report import CompileReport
 
-__all__ = ["LearnerState", "Algorithm", "NoTraces", "OnlineAlgorithm"]
+__all__ = ["LearnerState", "Algorithm", "NoTraces", "OnlineAlgorithm", "Signals"]
 
 
 class LearnerState(NamedTuple):
@@ -44,6 +46,22 @@ class LearnerState(NamedTuple):
 
 class NoTraces(NamedTuple):
     """The trace state of an algorithm without traces (``OneStep``, ``BPTT``)."""
+
+
+class Signals(NamedTuple):
+    """The learning signal ``dL/dh^{t0-1}`` of a step or window, in two layouts.
+
+    Attributes
+    ----------
+    leaves : tuple
+        Per flat ``hidden`` leaf, its signal (``None`` for a leaf that is not float).
+    groups : dict
+        Group index -> the group's leaves stacked on a trailing state axis, for the
+        groups some relation trains (what the per-group traces contract with).
+    """
+
+    leaves: tuple
+    groups: dict
 
 
 class Algorithm:
@@ -78,12 +96,26 @@ class Algorithm:
         """The traces a sample restarts an episode from (zeros; a key stream goes on)."""
         return jax.tree_util.tree_map(jnp.zeros_like, traces)
 
-    def credit(self, graph: ETPGraph, param_leaves: list, traces, signals: dict, count) -> dict:
-        """``{params leaf index: <dL/dh^{t-1}, eps^{t-1}>}`` for the trace-trained leaves.
-
-        ``signals[g]`` is ``dL/dh^{t-1}`` of group ``g`` on a trailing state axis.
-        """
+    def credit(self, graph: ETPGraph, param_leaves: list, traces, signals: Signals, count) -> dict:
+        """``{params leaf index: <dL/dh^{t-1}, eps^{t-1}>}`` for the trace-trained leaves."""
         return {}
+
+    def forward(self, graph: ETPGraph, params, hidden, x) -> tuple:
+        """One evaluation of the step: ``(new_hidden, out, parts)``.
+
+        ``new_hidden`` and ``out`` are differentiable in ``params`` and ``hidden``;
+        ``parts`` is what :meth:`update` reads of the step, constant to an enclosing
+        differentiation. Default: each op's ``x`` with ``D`` and ``D_f``
+        (:func:`braintrace.compiler.forward.forward`).
+        """
+        return forward(graph, params, hidden, x)
+
+    def validate(self, graph: ETPGraph, param_leaves: list) -> None:
+        """Refuse a graph this algorithm cannot train (say why); called before use."""
+
+    def describe(self, report: CompileReport, graph: ETPGraph) -> CompileReport:
+        """The compile report as it holds under this algorithm (default: D-RTRL's)."""
+        return report
 
     def update(self, graph: ETPGraph, param_leaves: list, traces, parts: StepParts, count):
         """The traces after a step: ``eps^t`` from ``eps^{t-1}`` and the step's parts."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..compiler.report import EXACT, ONE_STEP, TRUNCATED
 from .base import Algorithm
 
 __all__ = ["BPTT", "OneStep"]
@@ -24,6 +25,10 @@ class OneStep(Algorithm):
 
     name = "one_step"
 
+    def describe(self, report, graph):
+        reason = "OneStep: no trace; only its one-step (or in-window) gradient"
+        return report.retrained(ONE_STEP, TRUNCATED, reason)
+
 
 class BPTT(Algorithm):
     """Backpropagation through time, the exact reference.
@@ -45,3 +50,7 @@ class BPTT(Algorithm):
 
     def window_length(self, num_steps: int) -> int | None:
         return num_steps
+
+    def describe(self, report, graph):
+        reason = "BPTT: scan differentiates the whole sequence (window=k: truncated BPTT)"
+        return report.retrained(ONE_STEP, EXACT, reason)

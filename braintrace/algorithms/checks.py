@@ -19,6 +19,7 @@ __all__ = [
     "check_loss_batch",
     "check_time_major",
     "check_window",
+    "check_active",
     "signature",
 ]
 
@@ -34,7 +35,8 @@ def check_algorithm(algorithm, who: str) -> None:
     if not isinstance(algorithm, Algorithm):
         raise TypeError(
             f"{who}: algorithm must be braintrace.D_RTRL(), braintrace.ES_D_RTRL(...) / "
-            f"pp_prop(...), braintrace.OneStep() or braintrace.BPTT(); got {algorithm!r}."
+            "pp_prop(...), braintrace.SnAp1(), braintrace.RTRL(), braintrace.UORO(), "
+            f"braintrace.OneStep() or braintrace.BPTT(); got {algorithm!r}."
         )
 
 
@@ -160,7 +162,8 @@ def check_time_major(xs, targets) -> int:
     return lengths.pop()
 
 
-def check_window(window, length: int) -> None:
+def check_window(window) -> None:
+    """``window`` must be ``None`` or a positive Python int (it sets the program's shape)."""
     if window is None:
         return
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -169,8 +172,23 @@ def check_window(window, length: int) -> None:
             "sets the program's shape, so under jax.jit pass it as a static argument "
             "(static_argnames='window') or close over it."
         )
-    if length < 1:
-        raise ValueError(f"{_WHO}.scan: the sequence is empty.")
+
+
+def check_active(active, count, steps: tuple, where: str):
+    """``active`` (or ``None``) as a bool array of shape ``steps + count.shape``."""
+    if active is None:
+        return None
+    active = jnp.asarray(active)
+    want = tuple(steps) + tuple(jnp.shape(count))
+    if active.shape != want or active.dtype != jnp.bool_:
+        what = "time-major (T, B): " if steps else ""
+        raise ValueError(
+            f"{_WHO}.{where}: active must be a boolean array of shape {want} ({what}one flag "
+            f"per sample, False where the step is padding), got {active.dtype}"
+            f"{list(active.shape)}. For per-sample lengths: "
+            "active = jnp.arange(T)[:, None] < lengths[None, :]."
+        )
+    return active
 
 
 def signature(*trees) -> tuple:

@@ -77,17 +77,29 @@ class D_RTRL(Algorithm):
     def credit(self, graph, param_leaves, traces, signals, count) -> dict:
         grads: dict = {}
         for r, trace in zip(graph.relations, traces.relations):
-            credit_relation(graph, r, param_leaves, trace, signals[r.group], grads)
+            credit_relation(graph, r, param_leaves, trace, signals.groups[r.group], grads)
         return grads
 
+    def propagator(self, graph, parts):
+        """``(D per group, couples(group) -> predicate)``: what carries the traces a step.
+
+        D-RTRL's is the compiler's ``D`` (ETP outputs held fixed) and its structural
+        zeros (``HiddenGroup.couples``).
+        """
+        return parts.d, lambda group: group.couples
+
     def update(self, graph, param_leaves, traces, parts, count) -> DRTRLTraces:
+        d, couples = self.propagator(graph, parts)
+        parts = dataclasses.replace(parts, d=d, loops=())
         # D seen per op output (index maps gathered once here, not inside every
         # trace-sized update) replaces the per-group D among the materialised factors.
         factors = (dataclasses.replace(parts, d=()), mapped_d(graph, parts))
         parts, ds = materialised(factors, count)
         return DRTRLTraces(
             tuple(
-                update_relation(graph, r, param_leaves, trace, parts, d)
+                update_relation(
+                    graph, r, param_leaves, trace, parts, d, couples(graph.groups[r.group])
+                )
                 for r, trace, d in zip(graph.relations, traces.relations, ds)
             )
         )

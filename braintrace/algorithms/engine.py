@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..compiler.forward import forward
 from ..compiler.graph import ETPGraph
-from .base import Algorithm, LearnerState
+from .base import Algorithm, LearnerState, Signals
 from .wiring import stack_group, zero_after
 
 __all__ = ["Problem", "run_window", "split_float", "with_values"]
@@ -63,27 +62,46 @@ def _forward_fn(problem: Problem) -> Callable:
     """``(params, hidden, x) -> (new_hidden, out, parts)``: one evaluation of the step."""
     if problem.graph is None:
         return lambda p, h, x: (*problem.step_fn(p, h, x), None)
-    return lambda p, h, x: forward(problem.graph, p, h, x)
+    return lambda p, h, x: problem.algorithm.forward(problem.graph, p, h, x)
 
 
-def _total_loss(problem: Problem, params, hidden, xs, targets, single: bool):
-    """The window's summed loss, with ``(h_end, losses, outs, parts)`` as aux."""
+def hold(active, new, old):
+    """``new`` for the samples where ``active``, ``old`` (kept) for the others.
+
+    ``active`` is ``None`` (every sample: ``new``), a ``(B,)`` bool array for a
+    batched state or a scalar; it selects (``where``), so nothing of a padded step's
+    values reaches a kept state.
+    """
+    if active is None:
+        return new
+
+    def pick(n, o):
+        return jnp.where(active.reshape(active.shape + (1,) * (jnp.ndim(n) - active.ndim)), n, o)
+
+    return _tree_map(pick, new, old)
+
+
+def _total_loss(problem: Problem, params, hidden, xs, targets, single: bool, active=None):
+    """The window's summed loss, with ``(h_end, losses, outs, parts)`` as aux.
+
+    Where ``active`` is false (a padded step of a sample), the hidden state is kept.
+    """
     fwd = _forward_fn(problem)
     if single:
         new_h, out, parts = fwd(params, hidden, xs)
         loss = problem.loss(out, targets)
-        return loss, (new_h, loss, out, parts)
+        return loss, (hold(active, new_h, hidden), loss, out, parts)
 
     def body(h, inputs):
-        x, target = inputs
+        x, target, a = inputs
         new_h, out, parts = fwd(params, h, x)
-        return new_h, (problem.loss(out, target), out, parts)
+        return hold(a, new_h, h), (problem.loss(out, target), out, parts)
 
-    h_end, (losses, outs, parts) = lax.scan(body, hidden, (xs, targets))
+    h_end, (losses, outs, parts) = lax.scan(body, hidden, (xs, targets, active))
     return losses.sum(), (h_end, losses, outs, parts)
 
 
-def _reverse_pass(problem: Problem, params, hidden, xs, targets, single: bool):
+def _reverse_pass(problem: Problem, params, hidden, xs, targets, single: bool, active=None):
     """One reverse pass: ``(aux, param grads by leaf, dL/dh^{t0-1} by leaf)``."""
     p_leaves, p_float, p_def = split_float(params)
     h_leaves, h_float, h_def = split_float(hidden)
@@ -91,7 +109,7 @@ def _reverse_pass(problem: Problem, params, hidden, xs, targets, single: bool):
     def total(pf, hf):
         p = jax.tree_util.tree_unflatten(p_def, with_values(p_leaves, p_float, pf))
         h = jax.tree_util.tree_unflatten(h_def, with_values(h_leaves, h_float, hf))
-        return _total_loss(problem, p, h, xs, targets, single)
+        return _total_loss(problem, p, h, xs, targets, single, active)
 
     pf = [p_leaves[i] for i in p_float]
     hf = [h_leaves[i] for i in h_float]
@@ -105,7 +123,8 @@ def _reverse_pass(problem: Problem, params, hidden, xs, targets, single: bool):
 def _add_credit(problem: Problem, p_leaves, grads: list, signal: list, state) -> tuple:
     """``(grads + credit, credit)``: the trace credit added to the reverse pass's gradients."""
     graph = problem.graph
-    signals = {g: stack_group(graph, g, signal) for g in {r.group for r in graph.relations}}
+    groups = {g: stack_group(graph, g, signal) for g in {r.group for r in graph.relations}}
+    signals = Signals(tuple(signal), groups)
     credit = problem.algorithm.credit(graph, p_leaves, state.traces, signals, state.count)
     grads = list(grads)
     for leaf, value in credit.items():
@@ -128,32 +147,48 @@ def _after(credit: dict, parts):
     )
 
 
-def _advance(problem: Problem, p_leaves, state, parts, single: bool):
-    """Traces and counts after the window's steps."""
+def _counted(count, active):
+    """The count after one step: ``+1``, or ``+1`` only where ``active``."""
+    return count + 1 if active is None else count + active.astype(count.dtype)
+
+
+def _advance(problem: Problem, p_leaves, state, parts, single: bool, active=None):
+    """Traces and counts after the window's steps (kept where ``active`` is false)."""
     algo, graph = problem.algorithm, problem.graph
     if single:
-        return algo.update(graph, p_leaves, state.traces, parts, state.count), state.count + 1
+        traces = algo.update(graph, p_leaves, state.traces, parts, state.count)
+        return hold(active, traces, state.traces), _counted(state.count, active)
 
-    def body(carry, step_parts):
-        traces, count = carry
-        return (algo.update(graph, p_leaves, traces, step_parts, count), count + 1), None
+    def body(carry, inputs):
+        (traces, count), (step_parts, a) = carry, inputs
+        new = algo.update(graph, p_leaves, traces, step_parts, count)
+        return (hold(a, new, traces), _counted(count, a)), None
 
-    (traces, count), _ = lax.scan(body, (state.traces, state.count), parts)
+    (traces, count), _ = lax.scan(body, (state.traces, state.count), (parts, active))
     return traces, count
 
 
-def run_window(problem: Problem, params, state: LearnerState, xs, targets, single: bool):
-    """``((losses, outs), grads, new_state)`` for one window (one step when ``single``)."""
+def run_window(
+    problem: Problem, params, state: LearnerState, xs, targets, single: bool, active=None
+):
+    """``((losses, outs), grads, new_state)`` for one window (one step when ``single``).
+
+    ``active`` (optional, bool, per step and sample like ``state.count``): where it is
+    false the step is padding, and the sample's hidden state, traces and count stay
+    as they were (the loss of such a step is the caller's to mask).
+    """
     (h_end, losses, outs, parts), grads, signal = _reverse_pass(
-        problem, params, state.hidden, xs, targets, single
+        problem, params, state.hidden, xs, targets, single, active
     )
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     if problem.graph is None:
         steps = 1 if single else jax.tree_util.tree_leaves(xs)[0].shape[0]
+        if active is not None:
+            steps = (active if single else active.sum(0)).astype(state.count.dtype)
         traces, count = state.traces, state.count + steps
     else:
         grads, credit = _add_credit(problem, p_leaves, grads, signal, state)
         parts = _after(credit, parts)
-        traces, count = _advance(problem, p_leaves, state, parts, single)
+        traces, count = _advance(problem, p_leaves, state, parts, single, active)
     grads = jax.tree_util.tree_unflatten(treedef, grads)
     return (losses, outs), grads, LearnerState(h_end, traces, count)

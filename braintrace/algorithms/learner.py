@@ -68,17 +68,22 @@ class Learner:
         :class:`~braintrace.CompileError`.
         """
         graph = compile_graph(self.step_fn, params, hidden, x, batched=self.batched)
-        message = graph.report.truncation_message() if self.algorithm.traced else None
+        report = self.algorithm.describe(graph.report, graph)
+        message = report.truncation_message() if self.algorithm.traced else None
         if message and self.strict:
             raise CompileError(message + " (strict=True)")
+        if self.algorithm.traced:
+            self.algorithm.validate(graph, jax.tree_util.tree_leaves(params))
         return graph
 
     def report(self, params, hidden, x) -> CompileReport:
-        """The compile report: how every parameter is trained, and why (print it)."""
+        """The compile report: how every parameter is trained under this learner's
+        algorithm, and why, with its trace memory per sample (print it)."""
         graph = compile_graph(self.step_fn, params, hidden, x, batched=self.batched)
         leaves = jax.tree_util.tree_leaves(params)
         memory = ((self.algorithm.name, self.algorithm.trace_bytes(graph, leaves)),)
-        return dataclasses.replace(graph.report, trace_memory=memory)
+        report = self.algorithm.describe(graph.report, graph)
+        return dataclasses.replace(report, trace_memory=memory)
 
     # -- state ----------------------------------------------------------------------------
     def init(self, params, hidden, x, *, key=None) -> LearnerState:
@@ -99,7 +104,7 @@ class Learner:
         return LearnerState(hidden, traces, count)
 
     def _warn_once(self, graph, params, hidden, x) -> None:
-        message = graph.report.truncation_message()
+        message = self.algorithm.describe(graph.report, graph).truncation_message()
         key = checks.signature(params, hidden, x)
         if message and key not in self._warned:
             self._warned.add(key)
@@ -136,69 +141,107 @@ class Learner:
         return _tree_map(pick, fresh, state)
 
     # -- the loss of one step -------------------------------------------------------------
-    def _loss(self, out, target):
+    def _loss(self, out, target, active=None):
+        """One step's loss (the batch mean); a padded sample's (``active`` false) is 0."""
         if not self.batched:
             loss = self.loss_fn(out, target)
             checks.check_scalar(loss, "loss_fn(out, target)")
-            return loss
+            return loss if active is None else jnp.where(active, loss, jnp.zeros_like(loss))
         checks.check_loss_batch(out, target)
         losses = jax.vmap(self.loss_fn)(out, target)
         checks.check_scalar(losses, "loss_fn(out, target) for one sample", batched=True)
+        if active is not None:
+            losses = jnp.where(active, losses, jnp.zeros_like(losses))
         return losses.mean()
 
-    def _problem(self, params, state, x) -> Problem:
+    def _problem(self, params, state, x, padded: bool = False) -> Problem:
+        """The window's problem; with ``padded`` its targets are ``(targets, active)``."""
         graph = None
         if self.algorithm.traced:
             graph = self.graph(params, state.hidden, x)
             checks.check_traces(self.algorithm, graph, params, state)
-        return Problem(self.step_fn, self._loss, self.algorithm, graph)
+        loss = (lambda out, pair: self._loss(out, *pair)) if padded else self._loss
+        return Problem(self.step_fn, loss, self.algorithm, graph)
 
     # -- stepping -------------------------------------------------------------------------
-    def step(self, params, state: LearnerState, x, target):
+    def step(self, params, state: LearnerState, x, target, *, active=None):
         """One time step: ``((loss, out), grads, new_state)``.
 
         ``grads`` has the structure of ``params``: the exact one-step reverse pass
         plus, for trace-trained leaves, the credit ``<dl_t/dh^{t-1}, eps^{t-1}>``.
+        ``active`` (optional, bool, shape ``(B,)``; a scalar unbatched): where false,
+        the step is padding for that sample (see :meth:`scan`).
         """
         checks.check_state(state)
         checks.check_batch(self.batched, state.hidden, x, state.count, "step")
-        problem = self._problem(params, state, x)
-        return run_window(problem, params, state, x, target, single=True)
+        active = checks.check_active(active, state.count, (), "step")
+        problem = self._problem(params, state, x, padded=active is not None)
+        target = target if active is None else (target, active)
+        return run_window(problem, params, state, x, target, single=True, active=active)
 
-    def window(self, params, state: LearnerState, xs, targets):
+    def window(self, params, state: LearnerState, xs, targets, *, active=None):
         """One window of ``len(xs)`` steps: ``((losses, outs), grads, new_state)``.
 
         Exact inside the window (one reverse pass through its steps) plus the trace
         credit ``<dL_W/dh^{t0-1}, eps^{t0-1}>`` for before it; the traces are then
         advanced over the window. Call it on every chunk of a stream for online
         learning with memory O(window), independent of the stream's length.
-        ``xs`` and ``targets`` are time-major.
-        """
-        checks.check_state(state)
-        checks.check_time_major(xs, targets)
-        x0 = _tree_map(lambda a: a[0], xs)
-        checks.check_batch(self.batched, state.hidden, x0, state.count, "window")
-        problem = self._problem(params, state, x0)
-        return run_window(problem, params, state, xs, targets, single=False)
-
-    def scan(self, params, state: LearnerState, xs, targets, window: int | None = None):
-        """Run over a time-major sequence: ``((losses, outs), grads, final_state)``.
-
-        ``grads`` is the sum of the gradients of consecutive windows of ``window``
-        steps (a shorter last window when it does not divide ``T``); ``window=None``
-        uses the algorithm's default: one step for the online algorithms and
-        ``OneStep``, the whole sequence for ``BPTT`` (the exact gradient of the
-        summed loss). Memory grows with the window, never with ``T``.
+        ``xs`` and ``targets`` are time-major; ``active``, optional, marks padded
+        steps (see :meth:`scan`). An empty window (``T = 0``) returns empty losses
+        and outputs, zero gradients and ``state`` unchanged.
         """
         checks.check_state(state)
         length = checks.check_time_major(xs, targets)
-        k = self.algorithm.window_length(length) if window is None else window
-        checks.check_window(k, length)
-        if k is None or k == 1:
-            return self._scan_windows(params, state, xs, targets, 1, single=True)
-        return self._scan_windows(params, state, xs, targets, k, single=False)
+        active = checks.check_active(active, state.count, (length,), "window")
+        if length == 0:
+            return self._empty(params, state, xs, targets)
+        x0 = _tree_map(lambda a: a[0], xs)
+        checks.check_batch(self.batched, state.hidden, x0, state.count, "window")
+        problem = self._problem(params, state, x0, padded=active is not None)
+        targets = targets if active is None else (targets, active)
+        return run_window(problem, params, state, xs, targets, single=False, active=active)
 
-    def _scan_windows(self, params, state, xs, targets, k: int, single: bool):
+    def scan(
+        self, params, state: LearnerState, xs, targets, window: int | None = None, *, active=None
+    ):
+        """Run over a time-major sequence: ``((losses, outs), grads, final_state)``.
+
+        ``grads`` is the sum of the gradients of consecutive windows of ``window``
+        steps (a shorter last window when it does not divide ``T``; a ``window``
+        longer than ``T`` is one window of ``T`` steps); ``window=None`` uses the
+        algorithm's default: one step for the online algorithms and ``OneStep``, the
+        whole sequence for ``BPTT`` (the exact gradient of the summed loss). Memory
+        grows with the window, never with ``T``. ``T = 0`` returns empty losses and
+        outputs, zero gradients and ``state`` unchanged.
+
+        ``active`` (optional) is a bool array ``(T, B)`` (``(T,)`` unbatched) for a
+        ragged batch: where ``active[t, b]`` is false, step ``t`` is padding for
+        sample ``b``: its loss counts as zero and the sample's hidden state, traces
+        and count stay as they were (by selection; pad with finite values). So a
+        sample that ended keeps its end state, and its padded steps add nothing to
+        ``grads`` (the loss is still the mean over all ``B`` samples;
+        ``docs/algorithms.md``, "Padded steps").
+        """
+        checks.check_state(state)
+        length = checks.check_time_major(xs, targets)
+        active = checks.check_active(active, state.count, (length,), "scan")
+        checks.check_window(window)
+        if length == 0:
+            return self._empty(params, state, xs, targets)
+        k = self.algorithm.window_length(length) if window is None else min(window, length)
+        if k is None or k == 1:
+            return self._scan_windows(params, state, (xs, targets, active), 1, single=True)
+        return self._scan_windows(params, state, (xs, targets, active), k, single=False)
+
+    def _empty(self, params, state, xs, targets):
+        """No step: empty ``(losses, outs)``, zero gradients and ``state`` as it is."""
+        first = _tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype), (xs, targets))
+        per_step = jax.eval_shape(lambda: self.step(params, state, *first)[0])
+        empty = _tree_map(lambda s: jnp.zeros((0,) + s.shape, s.dtype), per_step)
+        return empty, _tree_map(jnp.zeros_like, params), state
+
+    def _scan_windows(self, params, state, sequence, k: int, single: bool):
+        xs, targets, _ = sequence
         length = jax.tree_util.tree_leaves(xs)[0].shape[0]
         n_full, rest = divmod(length, k)
         run = self.step if single else self.window
@@ -210,10 +253,10 @@ class Learner:
         def body(carry, _):
             index, st, acc, bufs = carry
             start = index * k  # a counter, not an array of starts: that would be O(T)
-            chunk = _tree_map(lambda a: lax.dynamic_slice_in_dim(a, start, k), (xs, targets))
+            x, t, a = _tree_map(lambda v: lax.dynamic_slice_in_dim(v, start, k), sequence)
             if single:
-                chunk = _tree_map(lambda a: a[0], chunk)
-            outputs, grads, st = run(params, st, *chunk)
+                x, t, a = _tree_map(lambda v: v[0], (x, t, a))
+            outputs, grads, st = run(params, st, x, t, active=a)
             if bufs is not None:
                 bufs, outputs = _write_at(bufs, outputs, start, single), None
             return (index + 1, st, _tree_map(jnp.add, acc, grads), bufs), outputs
@@ -224,8 +267,8 @@ class Learner:
         if not rest:
             flat = (lambda a: a) if single else (lambda a: a.reshape((length,) + a.shape[2:]))
             return _tree_map(flat, stacked), grads, state
-        tail = _tree_map(lambda a: a[n_full * k :], (xs, targets))
-        outputs, t_grads, state = self.window(params, state, *tail)
+        x, t, a = _tree_map(lambda v: v[n_full * k :], sequence)
+        outputs, t_grads, state = self.window(params, state, x, t, active=a)
         buffers = _write_at(buffers, outputs, n_full * k, False)
         return buffers, _tree_map(jnp.add, grads, t_grads), state
 

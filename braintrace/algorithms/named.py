@@ -6,11 +6,14 @@ from .base import Algorithm
 from .bptt import BPTT, OneStep
 from .d_rtrl import D_RTRL
 from .pp_prop import ES_D_RTRL
+from .rtrl import RTRL
+from .snap import SnAp1
+from .uoro import UORO
 
 __all__ = ["ALGORITHM_NAMES", "algorithm_by_name"]
 
 #: The names :func:`algorithm_by_name` accepts.
-ALGORITHM_NAMES = ("d_rtrl", "pp_prop", "bptt", "one_step")
+ALGORITHM_NAMES = ("d_rtrl", "pp_prop", "snap1", "rtrl", "uoro", "bptt", "one_step")
 
 
 def algorithm_by_name(name: str, *, decay_or_rank=0.9) -> Algorithm:
@@ -36,6 +39,12 @@ def algorithm_by_name(name: str, *, decay_or_rank=0.9) -> Algorithm:
         return D_RTRL()
     if key in ("pp_prop", "es_d_rtrl"):
         return ES_D_RTRL(decay_or_rank)
+    if key == "snap1":
+        return SnAp1()
+    if key == "rtrl":
+        return RTRL()
+    if key == "uoro":
+        return UORO()
     if key == "bptt":
         return BPTT()
     if key == "one_step":

@@ -175,9 +175,9 @@ class ES_D_RTRL(Algorithm):
         for r, epsf in zip(graph.relations, traces.outputs):
             op = graph.ops[r.op]
             if op.x_aval is None:
-                credit_relation(graph, r, param_leaves, epsf, signals[r.group], grads)
+                credit_relation(graph, r, param_leaves, epsf, signals.groups[r.group], grads)
                 continue
-            ghat = (to_outputs(graph, r, signals[r.group]) * epsf).sum(-1)
+            ghat = (to_outputs(graph, r, signals.groups[r.group]) * epsf).sum(-1)
             ghat = ghat * _broadcast_count(self._correction(count, ghat.dtype), ghat)
             w = op_weights(graph, r.op, param_leaves)
             epsx = traces.inputs[op.index]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import registry
+from ..backend import cpu_code_path
 from ..compiler.graph import ETPGraph, Relation
 from .wiring import (
     add_into,
@@ -81,12 +82,13 @@ _LOOP_ELEMENTS = 1 << 14
 def _loop_over_samples(trace) -> bool:
     """Whether :func:`contract` loops over the samples (CPU, large traces, no split batch).
 
-    For a small trace (an elementwise op's, one value per neuron) the loop's
-    per-iteration cost dominates and one reduction wins; its products are no larger
+    "CPU" is the CPU code path (:func:`braintrace.backend.cpu_code_path`). For a small
+    trace (an elementwise op's, one value per neuron) the loop's per-iteration cost
+    dominates and one reduction wins; its products are no larger
     than ``_LOOP_ELEMENTS``. A large trace's would be a trace-sized temporary.
     """
     size = sum(t.size for t in jax.tree_util.tree_leaves(trace))
-    return jax.default_backend() == "cpu" and size >= _LOOP_ELEMENTS and not _batch_may_be_split()
+    return cpu_code_path() and size >= _LOOP_ELEMENTS and not _batch_may_be_split()
 
 
 def contract(rules, relation: Relation, signal, trace):
@@ -148,44 +150,48 @@ def materialised(parts, count):
     element; ``optimization_barrier`` does not stop that on CPU. A conditional does:
     its predicate, ``(count | 1) != 0``, is always true, but not provably so to XLA.
     Other backends keep the fusion (recomputing there is cheaper than a conditional,
-    whose predicate a GPU reads back to the host).
+    whose predicate a GPU reads back to the host), and so does a CPU under
+    ``BRAINTRACE_ACCELERATOR_PATH=1`` (:func:`braintrace.backend.cpu_code_path`).
     """
-    if jax.default_backend() != "cpu":
+    if not cpu_code_path():
         return parts
     always = (jnp.ravel(count)[0] | 1) != 0
     zeros = _tree_map(jnp.zeros_like, parts)
     return lax.cond(always, lambda p: p, lambda p: zeros, parts)
 
 
-def write_order(group) -> tuple:
+def write_order(group, couples=None) -> tuple:
     """The states of ``group`` in an order that lets every update overwrite its trace.
 
     State ``a``'s new trace reads the old traces of the states it couples to
-    (``group.couples(a, c)``), so ``a`` is written only after every other state that
-    reads it. A cycle between states (each reads the other) cannot be ordered; its
-    states keep their index order and XLA double-buffers them.
+    (``couples(a, c)``, default ``group.couples``), so ``a`` is written only after
+    every other state that reads it. A cycle between states (each reads the other)
+    cannot be ordered; its states keep their index order and XLA double-buffers them.
     """
+    couples = group.couples if couples is None else couples
     pending = list(range(group.num_states))
     order: list = []
     while pending:
-        ready = [a for a in pending if not any(group.couples(b, a) for b in pending if b != a)]
+        ready = [a for a in pending if not any(couples(b, a) for b in pending if b != a)]
         order.append(ready[0] if ready else pending[0])
         pending.remove(order[-1])
     return tuple(order)
 
 
 def update_relation(
-    graph: ETPGraph, relation: Relation, param_leaves, trace, parts, d=None
+    graph: ETPGraph, relation: Relation, param_leaves, trace, parts, d=None, couples=None
 ) -> tuple:
     """One step of the D-RTRL recursion for one relation.
 
-    Structurally zero blocks of ``D`` and ``D_f`` are skipped, and the states are
+    Structurally zero blocks of ``D`` (where ``couples(a, c)``, default
+    ``group.couples``, is false) and of ``D_f`` are skipped, and the states are
     written in :func:`write_order`, each made to wait (a data edge) for the one
     before it: then no update overwrites a trace another update still has to read,
     and XLA updates every trace in place.
     """
     op = graph.ops[relation.op]
     group = graph.groups[relation.group]
+    couples = group.couples if couples is None else couples
     w = op_weights(graph, relation.op, param_leaves)
     x = parts.xs[relation.op]
     scale = _scaler(op, relation)
@@ -197,7 +203,7 @@ def update_relation(
 
     def new_state(a, after):
         da, dfa = d[..., a, :] + after, df[..., a] + after
-        terms = [scale(da[..., c], trace[c]) for c, _ in enumerate(trace) if group.couples(a, c)]
+        terms = [scale(da[..., c], trace[c]) for c, _ in enumerate(trace) if couples(a, c)]
         if relation.reaches_state(a):
             terms.append(fresh(x, dfa))
         if not terms:  # nothing ever reaches this state: its trace stays zero
@@ -209,7 +215,7 @@ def update_relation(
     # States are few (1-3), so the recursion is unrolled over them.
     new: dict = {}
     after = jnp.zeros((), d.dtype)
-    for a in write_order(group):
+    for a in write_order(group, couples):
         new[a] = new_state(a, after)
         after = zero_after(new[a]).astype(d.dtype)
     return tuple(new[a] for a in range(len(trace)))

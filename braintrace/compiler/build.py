@@ -23,7 +23,7 @@ from . import index_maps
 from . import program as prog
 from .analysis import Analysis
 from .errors import CompileError
-from .graph import ETPGraph, HiddenGroup, OpInfo, Relation
+from .graph import ETPGraph, HiddenGroup, OpInfo, Relation, SelfLoop
 from .paths import analyse
 from .program import is_inexact
 from .reach import trace_routes
@@ -449,6 +449,44 @@ def _find_relations(ops, groups, facts: _PathFacts):
     return relations, notes
 
 
+def _self_loop(facts: _PathFacts, taints: dict, op, g, r):
+    """``(SelfLoop or None, note or None)``: whether ``r``'s op reads its group per position."""
+    if op.x_index is None or registry.is_gradient_enabled(op.primitive):
+        return None, None  # no input, or D already follows the path through the op
+    atom = facts.program.nodes[op.node].inputs[op.x_index]
+    taint = taints.get(atom, {}) if isinstance(atom, int) else {}
+    reach = [taint.get(("h", leaf)) for leaf in g.leaves]
+    if not any(reach):
+        return None, None
+    label = f"op #{op.index} reads group #{g.index}, which it drives"
+    bad = sorted(set().union(*(x.bad for x in reach if x is not None)))
+    if bad:
+        return None, f"{label}, through {', '.join(bad)} (not position by position)"
+    x_shape = tuple(op.x_aval.shape)[1 if op.batched else 0 :]
+    positions = g.shape[r.lead :]
+    if x_shape != positions:
+        return None, (
+            f"{label}, but its input {list(x_shape)} is not laid out like the group's "
+            f"positions {list(positions)}"
+        )
+    index = r.index_map if r.index_map is not None else tuple(range(int(np.prod(positions))))
+    reads = tuple(x is not None and x.ok for x in reach)
+    return SelfLoop(r.index, op.index, g.index, reads, tuple(index)), None
+
+
+def _self_loops(facts: _PathFacts, taints: dict, ops, groups, relations) -> tuple:
+    """The relations whose op reads its own group position by position, and notes on
+    those that read it otherwise (see :class:`~braintrace.compiler.graph.SelfLoop`)."""
+    loops, notes = [], []
+    for r in relations:
+        loop, note = _self_loop(facts, taints, ops[r.op], groups[r.group], r)
+        if loop is not None:
+            loops.append(loop)
+        if note:
+            notes.append(note)
+    return tuple(loops), tuple(notes)
+
+
 def _seed_classes(ops, relations) -> tuple:
     """Per op: the tangent class of each output element (``None`` without index maps)."""
     classes = []
@@ -536,6 +574,7 @@ def compile_graph(
     float_h = [i for i, a in enumerate(h_avals) if is_inexact(a)]
     groups, dropped_coupling = _group_hidden(float_h, facts.out_taint, h_avals, flat.h_paths)
     relations, op_notes = _find_relations(ops, groups, facts)
+    self_loops, loop_notes = _self_loops(facts, info.taints, ops, groups, relations)
     graph = ETPGraph(
         batched=batched,
         ops=tuple(ops),
@@ -550,6 +589,9 @@ def compile_graph(
         out_def=out_def,
         hidden_avals=h_avals,
         seed_classes=_seed_classes(ops, relations),
+        step=step,
+        self_loops=self_loops,
+        loop_notes=loop_notes,
     )
     graph.report = build_report(
         Analysis(

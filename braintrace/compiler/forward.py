@@ -89,13 +89,17 @@ def _node_tangents(node, primals: list, tangents: list) -> list:
 
 
 class _Run:
-    """State of one evaluation: values, tangents and the recorded op inputs."""
+    """State of one evaluation: values, tangents, the recorded op inputs and, when asked
+    for, the self loops' parts (see :class:`~braintrace.compiler.graph.SelfLoop`)."""
 
-    def __init__(self, graph: ETPGraph, flat_args: list, seeds: dict):
+    def __init__(self, graph: ETPGraph, flat_args: list, seeds: dict, loop_slots=None):
         self.graph = graph
         self.env = dict(zip(graph.program.inputs, flat_args))
         self.tan = seeds  # value id -> (n_dir, *shape) tangent
         self.xs: list = [None] * len(graph.ops)
+        #: Per self loop, the tangent directions of its group's states (None: not asked).
+        self.loop_slots = loop_slots
+        self.loops: list = [None] * len(graph.self_loops)
 
     def read(self, atom):
         return atom.value if isinstance(atom, prog.Const) else self.env[atom]
@@ -118,6 +122,23 @@ def _etp_tangents(run: _Run, op, node, invals, intans, y_seeds) -> list:
     return outs
 
 
+def _record_loops(run: _Run, op, node, invals, intans) -> None:
+    """For each self loop of ``op``: its input-Jacobian entries and ``dx/dh^{t-1}``."""
+    for i, loop in enumerate(run.graph.self_loops):
+        if loop.op != op.index:
+            continue
+        rule = registry.get_rule(op.primitive, "input_entries")
+        index = np.asarray(loop.input_index)
+        entries = rule(*[_sg(v) for v in invals], input_index=index, **node.params)
+        x_tan = intans[op.x_index]
+        slots = run.loop_slots[i]
+        if x_tan is None:
+            dx = jnp.zeros(tuple(op.x_aval.shape) + (len(slots),), op.x_aval.dtype)
+        else:
+            dx = jnp.moveaxis(_sg(x_tan)[jnp.asarray(slots)], 0, -1)
+        run.loops[i] = (entries, dx)
+
+
 def _step_nodes(run: _Run, y_seeds: dict, with_tangents: bool) -> None:
     graph = run.graph
     node_op = {op.node: op for op in graph.ops}
@@ -130,6 +151,8 @@ def _step_nodes(run: _Run, y_seeds: dict, with_tangents: bool) -> None:
         if with_tangents:
             cut = graph.cut_nodes.get(index, ())
             intans = [None if j in cut else run.read_tangent(a) for j, a in enumerate(node.inputs)]
+            if op is not None and run.loop_slots is not None:
+                _record_loops(run, op, node, invals, intans)
             if op is not None:
                 outtans = _etp_tangents(run, op, node, invals, intans, y_seeds)
             elif any(t is not None for t in intans):
@@ -210,7 +233,24 @@ def _blocks(graph: ETPGraph, run: _Run, n_hidden: int, dirs) -> tuple[tuple, tup
     return d_blocks, tuple(df)
 
 
-def forward(graph: ETPGraph, params: Any, hidden: Any, x: Any, *, tangents: bool = True):
+def _loop_slots(graph: ETPGraph, dirs) -> tuple:
+    """Per self loop, the tangent directions of its group's states, in state order."""
+    slot = {(dr.kind, dr.index, dr.part): d for d, dr in enumerate(dirs)}
+    return tuple(
+        tuple(slot[("h", loop.group, c)] for c in range(graph.groups[loop.group].num_states))
+        for loop in graph.self_loops
+    )
+
+
+def forward(
+    graph: ETPGraph,
+    params: Any,
+    hidden: Any,
+    x: Any,
+    *,
+    tangents: bool = True,
+    loops: bool = False,
+):
     """Evaluate one step once: ``(new_hidden, out, parts)``.
 
     ``new_hidden`` and ``out`` are differentiable in ``params`` and ``hidden`` (an
@@ -218,17 +258,19 @@ def forward(graph: ETPGraph, params: Any, hidden: Any, x: Any, *, tangents: bool
     :class:`~braintrace.compiler.graph.StepParts`) holds each op's input and the
     ``D``/``D_f`` blocks, computed at the same values and constant to an enclosing
     differentiation; with ``tangents=False`` only the inputs are recorded and
-    ``parts.d``/``parts.df`` are empty.
+    ``parts.d``/``parts.df`` are empty. ``loops=True`` (with tangents) also records
+    ``parts.loops``, what ``SnAp1`` adds to ``D`` for each self loop.
     """
     flat = graph.flat_args(params, hidden, x)
     n_params = len(jax.tree_util.tree_leaves(params))
     n_hidden = len(graph.hidden_avals)
     dirs = directions(graph) if tangents else ()
     h_seeds, y_seeds = _seeds(graph, flat, n_params, dirs)
-    run = _Run(graph, flat, h_seeds)
+    run = _Run(graph, flat, h_seeds, _loop_slots(graph, dirs) if loops and dirs else None)
     _step_nodes(run, y_seeds, bool(dirs))
     d, df = _blocks(graph, run, n_hidden, dirs) if dirs else ((), ())
     outs = [run.read(a) for a in graph.program.outputs]
     new_hidden = jax.tree_util.tree_unflatten(graph.hidden_def, outs[:n_hidden])
     out = jax.tree_util.tree_unflatten(graph.out_def, outs[n_hidden:])
-    return new_hidden, out, StepParts(xs=tuple(run.xs), d=d, df=df)
+    loop_parts = tuple(run.loops) if run.loop_slots is not None else ()
+    return new_hidden, out, StepParts(xs=tuple(run.xs), d=d, df=df, loops=loop_parts)

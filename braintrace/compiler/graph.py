@@ -18,7 +18,7 @@ from ..rules import SampleRules
 from . import program as prog
 from .errors import CompileError
 
-__all__ = ["ETPGraph", "OpInfo", "HiddenGroup", "Relation", "StepParts"]
+__all__ = ["ETPGraph", "OpInfo", "HiddenGroup", "Relation", "SelfLoop", "StepParts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,29 @@ class Relation:
         return not self.reaches or self.reaches[a]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["xs", "d", "df"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class SelfLoop:
+    """A relation whose op reads, position by position, the group it drives.
+
+    A recurrent weight: ``h^{t-1}[k]`` reaches the op's input ``x[k]`` through
+    position-preserving paths only, and ``y`` reaches ``h^t``. The step's full
+    Jacobian then has a diagonal entry through the op that ``D`` (ETP outputs held
+    fixed) leaves out; ``SnAp1`` adds it (``docs/algorithms.md``, "SnAp-1").
+    """
+
+    relation: int
+    op: int
+    group: int
+    #: Per state ``c`` of the group: whether ``x`` reads state ``c``.
+    reads: tuple
+    #: Per element ``j`` of one sample's ``y`` (flat): the flat position of the group
+    #: it reaches (``-1``: none), which is also the element of ``x`` at that position.
+    input_index: tuple
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["xs", "d", "df", "loops"], meta_fields=[]
+)
 @dataclasses.dataclass
 class StepParts:
     """What one step contributes to the traces.
@@ -108,11 +130,16 @@ class StepParts:
     ``xs[k]`` is op ``k``'s input (``None`` for ops without one). ``d[g]`` has shape
     ``(*group.shape, S, S)`` with ``d[..., a, c] = dh_a^t / dh_c^{t-1}`` at each
     position; ``df[r]`` has shape ``(*group.shape, S)`` with ``df[..., a] = dh_a^t/dy``.
+    ``loops[i]`` (only when asked for, see :class:`SelfLoop`) is the pair
+    ``(entries, dx)`` of ``graph.self_loops[i]``: the op's input-Jacobian entries per
+    element of one sample's ``y``, and ``dx[..., c] = dx/dh_c^{t-1}`` over the group's
+    positions, shaped ``(*group.shape, S)``.
     """
 
     xs: tuple
     d: tuple
     df: tuple
+    loops: tuple = ()
 
 
 @dataclasses.dataclass
@@ -134,6 +161,13 @@ class ETPGraph:
     #: Per op: ``None``, or the tangent class of each element of one sample's ``y``
     #: (flattened) when an index map lets several elements reach one position.
     seed_classes: tuple = ()
+    #: The step function the graph was compiled from (the algorithms that
+    #: differentiate the whole step, RTRL and UORO, call it).
+    step: Any = None
+    #: The relations whose op reads the group it drives position by position.
+    self_loops: tuple = ()
+    #: Why an op that reads the group it drives is not a :class:`SelfLoop`.
+    loop_notes: tuple = ()
 
     @property
     def traced_ops(self) -> tuple:

@@ -10,6 +10,7 @@ pass; ``none``: it affects nothing) and a *gradient* class (``exact``,
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 
 import jax.numpy as jnp
 
@@ -28,6 +29,7 @@ __all__ = [
     "GroupEntry",
     "OpEntry",
     "CompileReport",
+    "Explanation",
     "build_report",
 ]
 
@@ -55,7 +57,11 @@ class ParamEntry:
     groups : tuple
         Hidden groups whose traces train it (mode ``'trace'``).
     reason : str
-        Why it is in its class: the op, group or equation at fault.
+        Why it is in its class, in full: every finding, naming the op, group or
+        equation at fault (``"; "``-separated; ``findings`` holds them one by one).
+    reaches_hidden : bool
+        Whether the leaf reaches a hidden state by any route (the leaves RTRL and
+        UORO keep an influence for).
     """
 
     path: str
@@ -65,6 +71,14 @@ class ParamEntry:
     gradient: str
     groups: tuple = ()
     reason: str = ""
+    reaches_hidden: bool = False
+    summary: str = ""
+    findings: tuple = ()
+
+    @property
+    def short(self) -> str:
+        """One line of why it is in its class (the report's table shows it)."""
+        return self.summary or self.reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,17 +135,71 @@ class CompileReport:
     trace_memory: tuple = ()  # (algorithm name, bytes per sample)
 
     def param(self, path: str) -> ParamEntry:
-        """The entry of the parameter whose path is ``path`` (e.g. ``"['w']"``)."""
+        """The entry of the parameter whose path is ``path`` (e.g. ``"['w']"``).
+
+        ``.short`` is the one line the table shows; ``.reason`` the whole story.
+        """
         for entry in self.params:
             if entry.path == path:
                 return entry
         known = [p.path for p in self.params]
         raise KeyError(f"no parameter {path!r} in the report; known: {known}")
 
+    def explain(self, path: str) -> Explanation:
+        """Why the parameter at ``path`` is trained as it is, in full: ``str()`` of the
+        result lists every finding on its own line (the table shows one short line).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> from braintrace import ops
+        >>> from braintrace.compiler import compile_graph
+        >>> def step(p, h, x):
+        ...     h = jnp.tanh(ops.dense(x, p['w']) + ops.dense(h, p['u']))
+        ...     return h, h
+        >>> f32 = lambda *shape: jnp.zeros(shape, jnp.float32)
+        >>> params = {'u': f32(4, 4), 'w': f32(3, 4)}
+        >>> report = compile_graph(step, params, f32(4), f32(3)).report
+        >>> report.param("['w']").short
+        'recurrent (op #1 reads group #0)'
+        >>> print(report.explain("['w']"))
+        params['w'] float32[3, 4]: trace (groups #0), approximate
+          in short: recurrent (op #1 reads group #0)
+          - op #1 (etp_mv: params['u']) reads group #0, which it drives
+        """
+        return Explanation(self.param(path))
+
     @property
     def truncated(self) -> tuple:
         """The entries whose gradient is ``'truncated'``."""
         return tuple(p for p in self.params if p.gradient == TRUNCATED)
+
+    def retrained(self, mode: str, gradient: str, reason: str, groups: tuple = ()) -> CompileReport:
+        """This report as another algorithm trains it: every leaf that reaches the hidden
+        state gets ``mode``, ``gradient`` and ``reason`` (the others keep theirs), and
+        the warnings about D-RTRL's traces are dropped.
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> from braintrace import ops
+        >>> from braintrace.compiler import compile_graph
+        >>> def step(p, h, x):
+        ...     return jnp.tanh(x @ p['w'] + h), h
+        >>> report = compile_graph(step, {'w': jnp.zeros((3, 4))}, jnp.zeros(4),
+        ...                        jnp.zeros(3)).report
+        >>> report.param("['w']").gradient, bool(report.warnings)
+        ('truncated', True)
+        >>> rtrl = report.retrained("trace", "exact", "every path counts")
+        >>> rtrl.param("['w']").gradient, rtrl.param("['w']").short, rtrl.warnings
+        ('exact', 'every path counts', ())
+        """
+        changed = dict(mode=mode, gradient=gradient, reason=reason, groups=groups)
+        changed.update(summary=reason, findings=(reason,))
+        params = tuple(
+            dataclasses.replace(p, **changed) if p.reaches_hidden else p for p in self.params
+        )
+        return dataclasses.replace(self, params=params, warnings=())
 
     def truncation_message(self) -> str | None:
         """One text naming every truncated leaf and why (``None`` when there is none)."""
@@ -162,13 +230,14 @@ class CompileReport:
 
     def __str__(self) -> str:
         lines = ["braintrace compile report", "=" * 25]
-        lines += [f"!! {warning}" for warning in self.warnings]
+        for warning in self.warnings:
+            lines += textwrap.wrap(warning, WIDTH, initial_indent="!! ", subsequent_indent="   ")
         for title, rows in (
             ("parameters", _param_rows(self.params)),
             ("hidden groups", _group_rows(self.groups, self.ignored_hidden)),
             ("ETP ops", _op_rows(self.ops)),
         ):
-            lines += ["", title] + _table(rows)
+            lines += ["", title] + _table(rows, wrap=(2, -1) if title == "ETP ops" else (-1,))
         if self.trace_memory:
             listed = ", ".join(f"{name} {_bytes(n)}" for name, n in self.trace_memory)
             lines += ["", f"trace memory per sample: {listed}"]
@@ -183,10 +252,26 @@ def _param_rows(params) -> list:
     rows = [("path", "shape", "mode", "gradient", "detail")]
     for p in params:
         detail = ("groups " + ", ".join(f"#{g}" for g in p.groups)) if p.groups else ""
-        if p.reason:
-            detail = f"{detail}; {p.reason}" if detail else p.reason
+        if p.short:
+            detail = f"{detail}; {p.short}" if detail else p.short
         rows.append((p.path, f"{p.dtype}{list(p.shape)}", p.mode, p.gradient, detail))
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """The long form of one parameter's entry (:meth:`CompileReport.explain`)."""
+
+    entry: ParamEntry
+
+    def __str__(self) -> str:
+        e = self.entry
+        groups = f" (groups {', '.join(f'#{g}' for g in e.groups)})" if e.groups else ""
+        lines = [f"{_param_label(e.path)} {e.dtype}{list(e.shape)}: {e.mode}{groups}, {e.gradient}"]
+        lines.append(f"  in short: {e.short}")
+        for finding in e.findings or (e.reason,):
+            lines += textwrap.wrap(finding, WIDTH, initial_indent="  - ", subsequent_indent="    ")
+        return "\n".join(lines)
 
 
 def _group_rows(groups, ignored_hidden) -> list:
@@ -223,11 +308,33 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _table(rows) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+#: The report's lines fit this many columns (the last column of a table wraps).
+WIDTH = 120
+
+
+def _table(rows, wrap: tuple = (-1,)) -> list[str]:
+    """Aligned columns fitting ``WIDTH``: the ``wrap`` columns (default the last) share
+    what the others leave and wrap onto continuation lines."""
+    n = len(rows[0])
+    wrap = {i % n for i in wrap}
+    widths = [max(len(str(r[i])) for r in rows) for i in range(n)]
+    budget = WIDTH - 2 * n - sum(w for i, w in enumerate(widths) if i not in wrap)
+    natural = sum(widths[i] for i in wrap)
+    if natural > budget:
+        for i in wrap:
+            longest = max(len(word) for r in rows for word in str(r[i]).split() or [""])
+            widths[i] = max(16, min(longest, widths[i]), budget * widths[i] // natural)
     out = []
     for j, row in enumerate(rows):
-        out.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        cells = [
+            textwrap.wrap(str(c), widths[i], break_on_hyphens=False) or [""]
+            if i in wrap
+            else [str(c)]
+            for i, c in enumerate(row)
+        ]
+        for k in range(max(len(c) for c in cells)):
+            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths)]
+            out.append(("  " + "  ".join(parts)).rstrip())
         if j == 0:
             out.append("  " + "  ".join("-" * w for w in widths))
     return out
@@ -252,6 +359,9 @@ def _param_entry(a: Analysis, leaf: int, verdict: Verdict, groups: tuple) -> Par
         gradient=verdict.gradient,
         groups=groups,
         reason=verdict.reason,
+        reaches_hidden=verdict.reaches_hidden,
+        summary=verdict.summary,
+        findings=verdict.findings,
     )
 
 

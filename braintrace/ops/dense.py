@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..primitive import register_primitive
@@ -79,6 +80,24 @@ def dense_xy_to_dw(x, y_cotangent, w, *, weight_layout, has_bias, precision, **_
     return dw
 
 
+def entries_at(matrix, input_index, weight_layout="in_out"):
+    """``matrix[input_index[j], j]`` (``[j, input_index[j]]`` for ``'out_in'``), 0 where < 0.
+
+    ``input_index`` is static (numpy); the picked entries are one gather.
+    """
+    index = np.asarray(input_index).reshape(-1)
+    outputs = np.arange(index.size)
+    safe = np.where(index < 0, 0, index)
+    rows, cols = (safe, outputs) if weight_layout == "in_out" else (outputs, safe)
+    return jnp.where(jnp.asarray(index >= 0), matrix[rows, cols], 0)
+
+
+def dense_input_entries(x, weight, *bias, input_index, weight_layout, dtype, **_):
+    """``dy[j] / dx[input_index[j]]``: the weight's entry linking that input to ``y[j]``."""
+    (weight,) = _cast(dtype, weight)
+    return entries_at(weight, input_index, weight_layout)
+
+
 def _zeros_with_states(lead, var, num_states):
     return jnp.zeros(lead + tuple(var.shape) + (num_states,), var.dtype)
 
@@ -111,6 +130,7 @@ for _prim, _batched in ((etp_mv, False), (etp_mm, True)):
         xy_to_dw=dense_xy_to_dw,
         init_drtrl=functools.partial(_init_drtrl, _batched),
         init_pp=init_output_trace,
+        input_entries=dense_input_entries,
     )
 
 

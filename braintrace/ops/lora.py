@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ..primitive import register_primitive
 from . import _checks
-from .dense import _init_drtrl, _outer, _sum_lead, init_output_trace
+from .dense import _init_drtrl, _outer, _sum_lead, entries_at, init_output_trace
 
 __all__ = ["lora", "etp_lora_mv", "etp_lora_mm"]
 
@@ -86,6 +86,16 @@ def lora_trace_to_dw(dtrace, w, *, scale, has_bias, **_):
     return dw
 
 
+def lora_input_entries(x, lora_a, lora_b, *rest, input_index, scale, has_base, dtype=None, **_):
+    """``dy[j] / dx[input_index[j]]``: the effective weight ``W0 + s A B``'s entry."""
+    if dtype is not None:
+        lora_a, lora_b, *rest = (a.astype(dtype) for a in (lora_a, lora_b, *rest))
+    effective = scale * (lora_a @ lora_b)
+    if has_base:
+        effective = effective + rest[-1]
+    return entries_at(effective, input_index)
+
+
 def _init_lora_drtrl(batched, x_var, y_var, weight_var, num_states):
     a = weight_var["lora_a"]
     eff = {"weight": jax.ShapeDtypeStruct((a.shape[0], y_var.shape[-1]), a.dtype)}
@@ -108,6 +118,7 @@ for _prim, _batched in ((etp_lora_mv, False), (etp_lora_mm, True)):
         init_pp=init_output_trace,
         xy_to_trace=lora_xy_to_trace,
         trace_to_dw=lora_trace_to_dw,
+        input_entries=lora_input_entries,
     )
 
 

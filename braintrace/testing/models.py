@@ -10,8 +10,9 @@ Two families, named after the exactness classes of ``docs/algorithms.md``:
 
 - exact class (hidden neurons driven by external input only): :func:`lif_step`,
   :func:`lif_lora_step`, :func:`alif_step`. D-RTRL's summed gradient equals BPTT's.
-- approximate class (recurrent weights): :func:`rnn_step`, :func:`gru_step`,
-  :func:`rlif_step`. D-RTRL and pp_prop approximate BPTT.
+- approximate class (recurrent weights, stacks, a parameter used twice):
+  :func:`rnn_step`, :func:`gru_step`, :func:`rlif_step`, :func:`lif_stack_step`,
+  :func:`mixed_lif_step`. D-RTRL and pp_prop approximate BPTT; RTRL is exact.
 
 The default sizes ``N_IN = 3`` inputs and ``N = 4`` neurons keep the tests fast;
 the approximate-class factories take ``n_in`` and ``n`` for benchmarks.
@@ -52,6 +53,9 @@ __all__ = [
     "rnn_params",
     "gru_params",
     "rlif_params",
+    "lif_stack_step",
+    "lif_stack_params",
+    "mixed_lif_step",
 ]
 
 #: Default input features and neurons of the test models.
@@ -217,3 +221,55 @@ def rlif_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
         "tau": jnp.linspace(0.5, 2.0, n, dtype=dtype),
         "ro": jax.random.normal(k[2], (n, 2), dtype) / jnp.sqrt(n),
     }
+
+
+def _lif_layer(h, y, tau):
+    """One LIF layer of :func:`lif_stack_step`: current, then voltage with a spike reset."""
+    i = 0.8 * h["i"] + y
+    v = tau * h["v"] * (1.0 - spike(h["v"] - 1.0)) + (1.0 - tau) * i
+    return {"i": i, "v": v}
+
+
+def lif_stack_step(p, h, x):
+    """An input ``Dense`` (ETP op, tanh) in front of two stacked LIF layers.
+
+    Layer 2 reads layer 1's spikes; D-RTRL's gradient of the input layer is
+    truncated and layer 1's approximate. Parameters: :func:`lif_stack_params`;
+    hidden: ``{"l1": {"i", "v"}, "l2": {"i", "v"}}``.
+    """
+    u = jnp.tanh(ops.dense(x, p["win"], p["bin"]))
+    l1 = _lif_layer(
+        h["l1"], ops.dense(u, p["w1"], p["b1"]), ops.elemwise(p["tau1"], jax.nn.sigmoid)
+    )
+    s1 = spike(l1["v"] - 0.5)
+    l2 = _lif_layer(
+        h["l2"], ops.dense(s1, p["w2"], p["b2"]), ops.elemwise(p["tau2"], jax.nn.sigmoid)
+    )
+    return {"l1": l1, "l2": l2}, jnp.tanh(l2["v"]) @ p["ro"]
+
+
+def lif_stack_params(seed=0, n_in=N_IN, n=N, dtype=jnp.float64):
+    """Input layer ``win``/``bin``, layers ``w1, b1, tau1`` and ``w2, b2, tau2``, readout ``ro``."""
+    k = _keys(seed, 4)
+    return {
+        "win": jax.random.normal(k[0], (n_in, n), dtype),
+        "bin": jnp.full((n,), 0.1, dtype),
+        "w1": jax.random.normal(k[1], (n, n), dtype) * 1.5 / jnp.sqrt(n),
+        "b1": jnp.full((n,), 0.6, dtype),
+        "tau1": jnp.linspace(-1.0, 1.0, n, dtype=dtype),
+        "w2": jax.random.normal(k[2], (n, n), dtype) * 1.5 / jnp.sqrt(n),
+        "b2": jnp.full((n,), 0.6, dtype),
+        "tau2": jnp.linspace(1.0, -1.0, n, dtype=dtype),
+        "ro": jax.random.normal(k[3], (n, 2), dtype) / jnp.sqrt(n),
+    }
+
+
+def mixed_lif_step(p, h, x):
+    """The LIF of :func:`lif_step` whose ``tau`` also reaches ``v`` through plain ``jnp``.
+
+    Parameters: :func:`lif_params`; hidden: ``{"i", "v"}``.
+    """
+    tau = ops.elemwise(p["tau"], jax.nn.sigmoid)
+    i = 0.8 * h["i"] + ops.dense(x, p["w"], p["b"])
+    v = tau * h["v"] + (1.0 - tau) * i + 0.3 * p["tau"] * h["v"]
+    return {"i": i, "v": v}, jnp.tanh(v) @ p["ro"]

@@ -6,7 +6,7 @@
 - :func:`convert`: every stock ``nnx.Linear`` / ``nnx.LoRA`` in a model runs through
   ETP ops, in place, keeping its ``Param`` objects (``nnx.state`` is unchanged).
 - :class:`ETPLIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`,
-  :class:`ETPOptimizedLSTMCell`: ready cells.
+  :class:`ETPOptimizedLSTMCell`, :class:`ETPLRUCell`: ready cells.
 - :func:`compile`: a model ``model(carry, x) -> (carry, out)`` (or an ``nnx.RNN``) and
   a loss to an online learner whose gradients are an ``nnx.State`` for
   ``nnx.Optimizer``.
@@ -23,7 +23,7 @@ Examples
 'trace'
 """
 
-from .cells import ETPGRUCell, ETPLIFCell, ETPLSTMCell, ETPOptimizedLSTMCell
+from .cells import ETPGRUCell, ETPLIFCell, ETPLRUCell, ETPLSTMCell, ETPOptimizedLSTMCell
 from .convert import ETP_TWINS, convert
 from .layers import ETPElemwise, ETPLinear, ETPLoRA
 from .learner import Learner, compile
@@ -36,6 +36,7 @@ __all__ = [
     "ETPGRUCell",
     "ETPLSTMCell",
     "ETPOptimizedLSTMCell",
+    "ETPLRUCell",
     "convert",
     "ETP_TWINS",
     "compile",

@@ -12,15 +12,15 @@ model that changes one during a step (batch statistics, RNG counters) is refused
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from flax import nnx
 
-import braintrace as bt
-from braintrace.algorithms import Algorithm, LearnerState
-from braintrace.compiler import CompileReport
+from braintrace.algorithms import Algorithm
+from braintrace.algorithms.face import FaceLearner, ModelSplit
 
 from .._sequence import SequenceLearner, check_rnn_options, time_axis
 
@@ -79,46 +79,25 @@ def _call(model: nnx.Module, carry: Any, x: Any) -> tuple[Any, Any]:
     return tuple(result)
 
 
-class Learner:
-    """An online learner for an NNX model; create it with :func:`braintrace_flax.nnx.compile`.
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """The NNX face's :class:`~braintrace.algorithms.face.Splitter`: a model's ``wrt``
+    variables are the core's params; the rest is merged back in as constants.
+    ``structure`` is that of the compiled model's ``wrt`` state (a changed model is
+    refused)."""
 
-    Every method takes the current ``model`` first (it changes as you train) and is a
-    pure function of its arguments: wrap a training step in ``nnx.jit``. ``grads`` is
-    an ``nnx.State`` of the ``wrt`` variables (``nnx.state(model, wrt)``'s structure).
-    """
+    wrt: Any
+    structure: Any
 
-    def __init__(
-        self,
-        model: nnx.Module,
-        loss_fn: Callable,
-        algorithm: Algorithm,
-        *,
-        batched: bool = True,
-        strict: bool = False,
-        wrt: Any = nnx.Param,
-    ):
-        _check_model(model)
-        self.loss_fn = loss_fn
-        self.algorithm = algorithm
-        self.batched = bool(batched)
-        self.strict = bool(strict)
-        self.wrt = wrt
-        self._structure = jax.tree_util.tree_structure(nnx.state(model, wrt))
-        self._template, _, _ = self._core(model, "compile")
+    @classmethod
+    def of(cls, model: nnx.Module, wrt: Any) -> _Split:
+        return cls(wrt, jax.tree_util.tree_structure(nnx.state(model, wrt)))
 
-    def __repr__(self) -> str:
-        return (
-            f"braintrace_flax.nnx.Learner({self.algorithm!r}, batched={self.batched}, "
-            f"strict={self.strict})"
-        )
-
-    def _core(self, model: nnx.Module, what: str):
-        """The core learner for ``model``'s current constants, its params, and the
-        map from core gradients back to an ``nnx.State``."""
+    def split(self, model: nnx.Module, what: str) -> ModelSplit:
         _check_model(model)
         graphdef, params, rest = nnx.split(model, self.wrt, ...)
         treedef = jax.tree_util.tree_structure(params)
-        if treedef != self._structure:
+        if treedef != self.structure:
             raise ValueError(
                 f"{_WHERE}.{what}: this model's {self.wrt} variables differ from those of the "
                 "model given to compile (a layer was added, removed or changed); compile a "
@@ -132,59 +111,37 @@ class Learner:
             # Fresh Variables inside the trace, so a mutation reaches _call's check.
             return _call(nnx.merge(graphdef, to_state(values), rest, copy=True), carry, x)
 
-        core = bt.compile(
-            step, self.loss_fn, self.algorithm, batched=self.batched, strict=self.strict
-        )
-        return core, nnx.as_pure(params), to_state
+        return ModelSplit(step, nnx.as_pure(params), to_state)
 
-    def core_of(self, model: nnx.Module) -> tuple[bt.Learner, Any, Callable]:
-        """``(core learner, params, to_state)`` for ``model``: the core learner of its
-        step, its ``wrt`` values as plain arrays, and the map from core gradients to an
-        ``nnx.State``. ``braintrace.parallel.data_parallel`` uses it."""
-        return self._core(model, "core_of")
 
-    def report(self, model: nnx.Module, carry: Any, x: Any) -> CompileReport:
-        """The compile report; paths read like ``"['dense_h']['kernel']"``."""
-        core, params, _ = self._core(model, "report")
-        return core.report(params, carry, x)
+class Learner(FaceLearner):
+    """An online learner for an NNX model; create it with :func:`braintrace_flax.nnx.compile`.
 
-    def init(self, model: nnx.Module, carry: Any, x: Any, *, key: Any = None) -> LearnerState:
-        """Zero traces for the initial ``carry`` (``x``: one step's input, for shapes;
-        ``key`` seeds a random algorithm, see ``braintrace.Learner.init``)."""
-        core, params, _ = self._core(model, "init")
-        return core.init(params, carry, x, key=key)
+    Every method takes the current ``model`` first (it changes as you train) and is a
+    pure function of its arguments: wrap a training step in ``nnx.jit``. ``grads`` is
+    an ``nnx.State`` of the ``wrt`` variables (``nnx.state(model, wrt)``'s structure).
+    ``init``, ``step``, ``window``, ``scan``, ``reset`` and ``report`` are those of
+    :class:`braintrace.algorithms.face.FaceLearner`; ``report`` paths read like
+    ``"['dense_h']['kernel']"``.
+    """
 
-    def reset(self, state: LearnerState, mask: Any = None, hidden: Any = None) -> LearnerState:
-        """Start new episodes: fresh carry, zero traces (see ``braintrace.Learner.reset``)."""
-        return self._template.reset(state, mask=mask, hidden=hidden)
+    face_name = "braintrace_flax.nnx.Learner"
 
-    def step(self, model: nnx.Module, state: LearnerState, x: Any, target: Any):
-        """One time step: ``((loss, out), grads, state)``, ``grads`` an ``nnx.State``."""
-        core, params, to_state = self._core(model, "step")
-        result, grads, state = core.step(params, state, x, target)
-        return result, to_state(grads), state
-
-    def scan(
+    def __init__(
         self,
         model: nnx.Module,
-        state: LearnerState,
-        xs: Any,
-        targets: Any,
-        window: int | None = None,
+        loss_fn: Callable,
+        algorithm: Algorithm,
+        *,
+        batched: bool = True,
+        strict: bool = False,
+        wrt: Any = nnx.Param,
     ):
-        """Run over time-major ``xs``/``targets``: ``((losses, outs), grads, state)``.
-
-        ``grads`` sums the per-window gradients (``braintrace.Learner.scan``).
-        """
-        core, params, to_state = self._core(model, "scan")
-        result, grads, state = core.scan(params, state, xs, targets, window=window)
-        return result, to_state(grads), state
-
-    def window(self, model: nnx.Module, state: LearnerState, xs: Any, targets: Any):
-        """One window of ``len(xs)`` time-major steps (``braintrace.Learner.window``)."""
-        core, params, to_state = self._core(model, "window")
-        result, grads, state = core.window(params, state, xs, targets)
-        return result, to_state(grads), state
+        _check_model(model)
+        self.wrt = wrt
+        super().__init__(
+            _Split.of(model, wrt), model, loss_fn, algorithm, batched=batched, strict=strict
+        )
 
 
 def compile(  # noqa: A001 - mirrors braintrace.compile
