@@ -89,7 +89,7 @@ def test_rtrl_equals_bptt_per_step_and_in_windows(model, batched, window):
 def test_rtrl_report_marks_every_leaf_exact_and_gives_its_memory():
     step, params, hidden, xs, _ = _problem("stack")
     report = bt.compile(step, M.mse, bt.RTRL()).report(params, hidden, xs[0])
-    assert {p.path: p.gradient for p in report.params} == {p: "exact" for p in report_paths(report)}
+    assert all(p.gradient == "exact" for p in report.params)
     win = report.param("['win']")
     assert win.mode == "trace" and "RTRL" in win.reason
     assert report.param("['ro']").mode == "one-step"  # a readout: no influence kept
@@ -100,10 +100,6 @@ def test_rtrl_report_marks_every_leaf_exact_and_gives_its_memory():
     # D-RTRL on the same model is not exact everywhere (negative control).
     d_rtrl = bt.compile(step, M.mse, bt.D_RTRL()).report(params, hidden, xs[0])
     assert {p.gradient for p in d_rtrl.params} >= {"truncated", "approximate"}
-
-
-def report_paths(report):
-    return [p.path for p in report.params]
 
 
 def test_rtrl_refuses_an_influence_matrix_over_max_bytes():

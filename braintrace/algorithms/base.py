@@ -10,6 +10,7 @@ override the trace methods, ``BPTT`` the window.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -128,7 +129,7 @@ class Algorithm:
             int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
             for a in jax.tree_util.tree_leaves(shapes)
         )
-        batch = graph.groups[0].shape[0] if graph.batched and graph.groups else 1
+        batch = math.prod(graph.batch_lead)
         return total // batch
 
 

@@ -74,7 +74,7 @@ def _init_inputs(graph) -> tuple:
             continue
         shape = tuple(op.x_aval.shape)
         if _per_sample_inputs(graph, op):
-            shape = (graph.groups[0].shape[0],) + shape
+            shape = graph.batch_lead + shape
         inputs.append(jnp.zeros(shape, op.x_aval.dtype))
     return tuple(inputs)
 

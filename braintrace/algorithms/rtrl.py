@@ -86,7 +86,7 @@ class RTRL(Algorithm):
         return f"RTRL(max_bytes={self.max_bytes})"
 
     def validate(self, graph, param_leaves) -> None:
-        batch = math.prod(ws.batch_lead(graph))
+        batch = math.prod(graph.batch_lead)
         total = batch * _bytes_per_sample(graph, param_leaves)
         if total > self.max_bytes:
             raise CompileError(
@@ -101,7 +101,7 @@ class RTRL(Algorithm):
         return ws.described(report, EXACT, reason)
 
     def init_traces(self, graph, param_leaves, key=None) -> RTRLTraces:
-        lead = ws.batch_lead(graph) + (ws.state_size(graph),)
+        lead = graph.batch_lead + (ws.state_size(graph),)
         leaves = [param_leaves[i] for i in ws.influenced(graph)]
         return RTRLTraces(tuple(jnp.zeros(lead + jnp.shape(a), jnp.result_type(a)) for a in leaves))
 
@@ -121,7 +121,7 @@ class RTRL(Algorithm):
         size = ws.state_size(graph)
         eye = jnp.eye(size, dtype=ws.state_dtype(graph))
         if graph.batched:
-            eye = jnp.broadcast_to(eye[:, None, :], (size, *ws.batch_lead(graph), size))
+            eye = jnp.broadcast_to(eye[:, None, :], (size, *graph.batch_lead, size))
         rows = sample_grads.reverse_rows(graph, param_leaves, parts, eye)  # I and J, by row
         spec = "bkh,bh...->bk..." if graph.batched else "kh,h...->k..."
         return RTRLTraces(

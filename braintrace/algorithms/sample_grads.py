@@ -48,12 +48,12 @@ class Rows(NamedTuple):
     state: jax.Array
 
 
-def _trainable_uses(graph: ETPGraph, leaf: int) -> tuple | None:
-    """The batched ops ``leaf`` is a trainable input of, or ``None`` if it has another use."""
+def _trainable_uses(graph: ETPGraph, leaf: int, by_node: dict) -> tuple | None:
+    """The batched ops ``leaf`` is a trainable input of, or ``None`` if it has another use
+    (``by_node``: the batched ops by program node)."""
     vid = graph.program.inputs[leaf]
     if vid in graph.program.outputs:
         return None
-    by_node = {op.node: op for op in graph.ops if op.batched}
     ops = []
     for index, node in enumerate(graph.program.nodes):
         for j, atom in enumerate(node.inputs):
@@ -74,7 +74,8 @@ def rule_leaves(graph: ETPGraph) -> dict:
     used only that way (the fast route); empty for an unbatched graph."""
     if not graph.batched:
         return {}
-    found = {leaf: _trainable_uses(graph, leaf) for leaf in ws.influenced(graph)}
+    by_node = {op.node: op for op in graph.ops if op.batched}
+    found = {leaf: _trainable_uses(graph, leaf, by_node) for leaf in ws.influenced(graph)}
     return {leaf: ops for leaf, ops in found.items() if ops}
 
 

@@ -141,7 +141,7 @@ class UORO(Algorithm):
 
     def init_traces(self, graph, param_leaves, key=None) -> UOROTraces:
         data = key_data(jax.random.key(0) if key is None else key)
-        lead = ws.batch_lead(graph)
+        lead = graph.batch_lead
         if lead:
             data = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(data), lead[0]))
         theta = tuple(

@@ -35,7 +35,6 @@ __all__ = [
     "described",
     "influenced",
     "state_leaves",
-    "batch_lead",
     "state_size",
     "state_dtype",
     "flat_state",
@@ -85,11 +84,6 @@ def state_leaves(graph: ETPGraph) -> tuple:
 def _sample_shape(graph: ETPGraph, leaf: int) -> tuple:
     shape = tuple(graph.hidden_avals[leaf].shape)
     return shape[1:] if graph.batched else shape
-
-
-def batch_lead(graph: ETPGraph) -> tuple:
-    """``(B,)`` for a batched graph (every hidden leaf's leading axis), ``()`` otherwise."""
-    return (graph.hidden_avals[0].shape[0],) if graph.batched else ()
 
 
 def state_size(graph: ETPGraph) -> int:

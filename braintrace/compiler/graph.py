@@ -170,6 +170,11 @@ class ETPGraph:
     loop_notes: tuple = ()
 
     @property
+    def batch_lead(self) -> tuple:
+        """``(B,)`` when batched (every hidden leaf's leading axis), ``()`` otherwise."""
+        return (self.hidden_avals[0].shape[0],) if self.batched else ()
+
+    @property
     def traced_ops(self) -> tuple:
         """Indices of ops with at least one relation."""
         return tuple(sorted({r.op for r in self.relations}))
