@@ -27,6 +27,12 @@ default run takes a few minutes on 2 CPU cores.
     python benchmarks/alignment.py --seeds 5 --windows 1 --algorithms snap1 d_rtrl
     python benchmarks/alignment.py --self-gain 0.9 --recurrent-scale 0.3 --seeds 5 --windows 1
     python benchmarks/alignment.py --T 200 --per-leaf
+    python benchmarks/alignment.py --model convlstm     # a stock nn.ConvLSTMCell, ETP convs
+
+``--model convlstm`` (not in the default run) runs a stock ``flax.linen.ConvLSTMCell``
+through ETP convolutions (``braintrace_flax.etp_dense_calls``) on ``5 x 5`` images with
+``n_in`` channels and ``n // 8`` feature maps; SnAp-1 is left out (the conv op has no
+``input_entries`` rule).
 """
 
 from __future__ import annotations
@@ -54,6 +60,37 @@ SKIP = ("ro",)  # the readout: exact for every algorithm, it would inflate the a
 #: The recurrent weight of each model (``--self-gain`` adds to its diagonal).
 RECURRENT = {"rnn": ("wh",), "gru": ("whr", "whz", "whn"), "rlif": ("wr",)}
 
+#: Algorithms a model's ops cannot run (SnAp-1 needs an op's own recurrent entry).
+UNSUPPORTED = {"convlstm": ("snap1",)}
+
+
+def convlstm_problem(args, seed: int = 0):
+    """A stock ``flax.linen.ConvLSTMCell`` run through ETP convs (``convert_dense``).
+
+    ``(5, 5)`` images with ``n_in`` channels, ``n // 8`` feature maps, a plain readout.
+    """
+    import flax.linen as nn  # only this model needs Flax
+
+    import braintrace_flax as btf
+
+    cell = nn.ConvLSTMCell(max(args.n // 8, 1), (3, 3), param_dtype=jnp.float64)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(args.seed))
+    xs = jax.random.normal(k1, (args.T, args.B, 5, 5, args.n_in))
+    targets = jax.random.normal(k2, (args.T, args.B, 2))
+    carry = cell.initialize_carry(jax.random.key(0), xs[0].shape)
+    n_out = 5 * 5 * cell.features
+    params = {
+        "cell": cell.init(jax.random.key(seed), carry, xs[0])["params"],
+        "ro": jax.random.normal(jax.random.PRNGKey(100 + seed), (n_out, 2)) / n_out**0.5,
+    }
+
+    def step(p, carry, x):
+        with btf.etp_dense_calls():  # the stock convs run through the ETP conv op
+            carry, h = cell.apply({"params": p["cell"]}, carry, x)
+        return carry, jnp.tanh(h.reshape(h.shape[0], -1)) @ p["ro"]
+
+    return step, params, carry, xs, targets
+
 
 def algorithms(pp_decay: float) -> dict:
     """The algorithms compared, by the label the table and the JSON use."""
@@ -69,6 +106,8 @@ def algorithms(pp_decay: float) -> dict:
 
 def problem(model: str, args, seed: int = 0):
     """``(step, params, hidden, xs, targets)`` for one model and parameter seed."""
+    if model == "convlstm":
+        return convlstm_problem(args, seed)
     step, make_params, names = MODELS[model]
     params = make_params(seed, args.n_in, args.n)
     for name in RECURRENT[model]:
@@ -130,7 +169,9 @@ def measure_model(model: str, args) -> dict:
     print(f"{'algorithm':<14}" + "".join(f"{f'k={k}':>30}" for k in args.windows))
     figures = {}
     chosen = {
-        k: v for k, v in algorithms(args.pp_decay).items() if k.split("(")[0] in args.algorithms
+        k: v
+        for k, v in algorithms(args.pp_decay).items()
+        if k.split("(")[0] in args.algorithms and k.split("(")[0] not in UNSUPPORTED.get(model, ())
     }
     for label, algo in chosen.items():
         cells, leaves = [], []
@@ -162,7 +203,14 @@ def main() -> None:
         "--windows", type=int, nargs="+", default=[1, 4, 16], help="window lengths k"
     )
     parser.add_argument("--pp-decay", type=float, default=0.9, help="pp_prop's trace decay")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        "--model",
+        nargs="+",
+        choices=sorted(MODELS) + ["convlstm"],
+        default=list(MODELS),
+        help="models to measure (convlstm: a stock nn.ConvLSTMCell through ETP convs)",
+    )
     parser.add_argument("--per-leaf", action="store_true", help="also print every leaf")
     parser.add_argument("--seeds", type=int, default=1, help="parameter seeds to average")
     parser.add_argument(

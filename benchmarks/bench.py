@@ -15,6 +15,7 @@ Nothing is written unless asked. The last stdout line is a JSON object.
     python benchmarks/bench.py --quick        # small sizes, about a minute on 2 CPU cores
     python benchmarks/bench.py                # n=256, B=32, 8 inputs (the README table)
     python benchmarks/bench.py --rtrl         # RTRL's growth with n (B=32)
+    python benchmarks/bench.py --ops          # each ETP op's D-RTRL / pp_prop vs BPTT
     python benchmarks/bench.py --n 1024 --B 256 --memory
 """
 
@@ -208,6 +209,9 @@ def _arguments():
     parser.add_argument(
         "--rtrl", action="store_true", help="time RTRL against BPTT for n = 8, 16, 32, 64"
     )
+    parser.add_argument(
+        "--ops", action="store_true", help="time each op's D-RTRL and pp_prop against BPTT"
+    )
     return parser.parse_args()
 
 
@@ -223,6 +227,12 @@ def main() -> None:
         f"device: {device.device_kind} ({jax.default_backend()}), n={n}, B={batch}, "
         f"n_in={args.n_in}, timed T={t}, repeats={repeats}"
     )
+    if args.ops:
+        from ops_bench import run_ops  # benchmarks/ops_bench.py, beside this script
+
+        rows = run_ops(batch, t, repeats)
+        print(json.dumps({"device": device.device_kind, "B": batch, "T": t, "ops": rows}))
+        return
     if args.rtrl:
         growth = rtrl_growth(models, (8, 16, 32, 64), batch, t, args.n_in, repeats)
         print(json.dumps({"device": device.device_kind, "B": batch, "rtrl": growth}))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from . import registry
+from .contract import takes_params
 
 __all__ = ["twin_impl", "twin_rules"]
 
@@ -71,9 +72,16 @@ def twin_rules(unbatched: Any) -> dict[str, Callable]:
     def input_entries(*operands, input_index, **params):
         return rule("input_entries")(*operands, input_index=input_index, **params)
 
+    def x_to_input_trace(x, w, **params):
+        if not registry.has_rule(unbatched, "x_to_input_trace"):
+            return x
+        return rule("x_to_input_trace")(x, w, **params)  # treats leading axes independently
+
     def init(slot):
-        def zeros_with_batch(x_var, y_var, weight_var, num_states):
-            one = rule(slot)(_drop_batch(x_var), _drop_batch(y_var), weight_var, num_states)
+        def zeros_with_batch(x_var, y_var, weight_var, num_states, **params):
+            fn = rule(slot)
+            params = params if takes_params(fn) else {}
+            one = fn(_drop_batch(x_var), _drop_batch(y_var), weight_var, num_states, **params)
             size = x_var.shape[0]
             return _tree_map(lambda z: jnp.zeros((size,) + tuple(z.shape), z.dtype), one)
 
@@ -87,4 +95,5 @@ def twin_rules(unbatched: Any) -> dict[str, Callable]:
         xy_to_trace=xy_to_trace,
         trace_to_dw=trace_to_dw,
         input_entries=input_entries,
+        x_to_input_trace=x_to_input_trace,
     )

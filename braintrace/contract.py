@@ -23,12 +23,15 @@ and ``init_pp``. Two optional slots let an op keep its D-RTRL trace in another
 space than its trainables: LoRA keeps it on the effective weight ``W0 + s A B``,
 smaller than a trace on ``A`` and ``B`` and still exact because the chain back to
 ``A`` and ``B`` is linear. The optional ``input_entries`` gives ``SnAp1`` the
-op's own entry of a recurrent weight. The math behind the slots is in ``docs/algorithms.md``.
+op's own entry of a recurrent weight. The optional ``x_to_input_trace`` gives
+pp_prop the space its input-side trace lives in (an embedding's one-hot rows).
+The math behind the slots is in ``docs/algorithms.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -46,7 +49,9 @@ __all__ = [
     "XyToTrace",
     "TraceToDw",
     "InputEntries",
+    "XToInputTrace",
     "check_rule",
+    "takes_params",
 ]
 
 #: A pytree of arrays keyed like the op's trainables (a trace, a gradient).
@@ -141,6 +146,9 @@ class InitDrtrl(Protocol):
         Abstract trainables by name.
     num_states : int
         Number of hidden states ``S`` the op's output drives.
+    **params
+        Optional: a rule that accepts keyword arguments also receives the
+        equation's static parameters (an einsum's ``spec`` fixes its trace's shape).
 
     Returns
     -------
@@ -242,6 +250,34 @@ class InputEntries(Protocol):
     def __call__(self, *operands: jax.Array, input_index: Any, **params: Any) -> jax.Array: ...
 
 
+class XToInputTrace(Protocol):
+    """Optional: the op's input as pp_prop's input-side trace accumulates it.
+
+    pp_prop's ``epsx^t = alpha_x epsx^{t-1} + x^t`` needs an input in a linear space
+    in which ``xy_to_dw(epsx, g)`` is the factorised gradient. For most ops that is
+    ``x`` itself (the default); an embedding's integer ids become one-hot rows
+    (``docs/algorithms.md``, "Embedding").
+
+    Parameters
+    ----------
+    x : Array
+        The op's input, with any leading axes (the batch, a per-sample axis): the
+        rule must treat them independently.
+    w : dict
+        Trainables (and frozen operands) by name, possibly abstract
+        (``jax.ShapeDtypeStruct``) when pp_prop only needs the result's shape.
+    **params
+        The equation's static parameters.
+
+    Returns
+    -------
+    Array
+        Floating array with ``x``'s leading axes; ``xy_to_dw`` accepts it as ``x``.
+    """
+
+    def __call__(self, x: jax.Array, w: Mapping[str, Any], /, **params: Any) -> jax.Array: ...
+
+
 #: The rule slots, in installation order; the single place that lists them.
 RULE_SLOTS = (
     "yw_to_w",
@@ -251,9 +287,26 @@ RULE_SLOTS = (
     "xy_to_trace",
     "trace_to_dw",
     "input_entries",
+    "x_to_input_trace",
 )
 #: The slots every op needs (the seed contract); the others are optional.
 SEED_RULE_SLOTS = RULE_SLOTS[:4]
+
+
+def takes_params(fn: Callable) -> bool:
+    """Whether a rule accepts keyword arguments (then ``init_*`` rules get the params).
+
+    Examples
+    --------
+    >>> from braintrace.contract import takes_params
+    >>> takes_params(lambda x, y, w, s: 0), takes_params(lambda x, y, w, s, **p: 0)
+    (False, True)
+    """
+    try:
+        kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+    except (TypeError, ValueError):
+        return False
+    return inspect.Parameter.VAR_KEYWORD in kinds
 
 
 def check_rule(owner: str, slot: str, fn: Any) -> Callable:
@@ -295,6 +348,8 @@ class OpContract:
         installed.
     input_entries : callable, optional
         The optional rule ``SnAp1`` reads (:class:`InputEntries`).
+    x_to_input_trace : callable, optional
+        The optional rule pp_prop reads for its input trace (:class:`XToInputTrace`).
 
     Examples
     --------
@@ -323,6 +378,7 @@ class OpContract:
     xy_to_trace: XyToTrace | None = None
     trace_to_dw: TraceToDw | None = None
     input_entries: InputEntries | None = None
+    x_to_input_trace: XToInputTrace | None = None
 
     def trainable_invars(self, params: Mapping[str, Any]) -> dict[str, int]:
         """Trainable operands of one equation, ``{name: operand_index}``."""

@@ -30,6 +30,7 @@ from .contract import (
     InvarsFn,
     OpContract,
     TraceToDw,
+    XToInputTrace,
     XyToDw,
     XyToTrace,
     YwToW,
@@ -156,6 +157,11 @@ class ETPPrimitive(Primitive):
         self._install(input_entries=fn)
         return fn
 
+    def register_x_to_input_trace(self, fn: XToInputTrace) -> XToInputTrace:
+        """Install the optional map from ``x`` to pp_prop's input-trace space."""
+        self._install(x_to_input_trace=fn)
+        return fn
+
     def register_etp_rules(
         self,
         *,
@@ -166,6 +172,7 @@ class ETPPrimitive(Primitive):
         xy_to_trace: XyToTrace | None = None,
         trace_to_dw: TraceToDw | None = None,
         input_entries: InputEntries | None = None,
+        x_to_input_trace: XToInputTrace | None = None,
     ) -> ETPPrimitive:
         """Install several rules at once; an argument left ``None`` is skipped.
 
@@ -188,6 +195,7 @@ class ETPPrimitive(Primitive):
             xy_to_trace=xy_to_trace,
             trace_to_dw=trace_to_dw,
             input_entries=input_entries,
+            x_to_input_trace=x_to_input_trace,
         )
         self._install(**{slot: fn for slot, fn in given.items() if fn is not None})
         return self
@@ -440,7 +448,9 @@ def _dissolve(prim: ETPPrimitive, args, dims, params, why: str):
             f"ETP op {prim.name!r} cannot stay an ETP primitive under jax.vmap ({why}); it "
             "is computed as plain jax.numpy here and the braintrace compiler will not see "
             "it, so its parameters get no eligibility trace. Vmap over the op's input x "
-            "only (weights unbatched) to keep it traceable.",
+            "only (weights unbatched) to keep it traceable. (A vmapped lax.cond/switch "
+            "batches the weights its branches close over: compile the step per sample, "
+            "batched=False, and vmap the learner, or call the op outside the branch.)",
             ETPIdentityWarning,
         )
     fn = functools.partial(prim.impl_fn, **params)

@@ -49,6 +49,7 @@ __all__ = [
     "ETP_RULES_XY_TO_TRACE",
     "ETP_RULES_TRACE_TO_DW",
     "ETP_RULES_INPUT_ENTRIES",
+    "ETP_RULES_X_TO_INPUT_TRACE",
     "BATCHED_COUNTERPARTS",
     "RULE_TABLES",
     "is_etp_primitive",
@@ -200,6 +201,7 @@ ETP_RULES_INIT_PP: Mapping = RULE_TABLES["init_pp"]
 ETP_RULES_XY_TO_TRACE: Mapping = RULE_TABLES["xy_to_trace"]
 ETP_RULES_TRACE_TO_DW: Mapping = RULE_TABLES["trace_to_dw"]
 ETP_RULES_INPUT_ENTRIES: Mapping = RULE_TABLES["input_entries"]
+ETP_RULES_X_TO_INPUT_TRACE: Mapping = RULE_TABLES["x_to_input_trace"]
 
 #: unbatched primitive -> the (still registered) batched primitive its ``vmap`` rebinds.
 BATCHED_COUNTERPARTS: Mapping = _ContractMapping(

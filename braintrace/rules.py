@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from . import registry
+from .contract import takes_params
 
 __all__ = ["SampleRules"]
 
@@ -73,8 +74,10 @@ class SampleRules:
 
     def _init(self, slot, x_var, y_var, weight_var, num_states):
         lead = self._batched
-        out = self._rule(slot)(
-            _lead_struct(x_var, lead), _lead_struct(y_var, lead), weight_var, num_states
+        rule = self._rule(slot)
+        params = self.params if takes_params(rule) else {}
+        out = rule(
+            _lead_struct(x_var, lead), _lead_struct(y_var, lead), weight_var, num_states, **params
         )
         return _drop_lead(out) if lead else out
 

@@ -1,6 +1,7 @@
 """braintrace for Equinox: ETP layers and cells as ``eqx.Module`` s, and the learner.
 
-Layers (:class:`ETPLinear`, :class:`ETPLoRA`, :class:`ETPElemwise`) and cells
+Layers (:class:`ETPLinear`, :class:`ETPLoRA`, :class:`ETPElemwise`,
+:class:`ETPEmbedding`) and cells
 (:class:`ETPGRUCell`, :class:`ETPLSTMCell`, :class:`ETPLIFCell`, :class:`ETPLRUCell`)
 route their trainable arrays through braintrace's ETP ops; the twins of Equinox layers keep
 Equinox's fields, and :func:`from_eqx` / :func:`to_eqx` convert a whole model. :func:`compile`
@@ -22,8 +23,11 @@ Examples
 from braintrace.surrogate import spike
 
 from .cells import ETPGRUCell, ETPLIFCell, ETPLRUCell, ETPLSTMCell
+from .conv import ETPConv, ETPConv1d, ETPConv2d
 from .convert import from_eqx, to_eqx
+from .embed import ETPEmbedding
 from .filters import trainable
+from .grouped_sparse import ETPGroupedLinear, ETPSparseLinear
 from .layers import ETPElemwise, ETPLinear, ETPLoRA
 from .learner import Learner, compile
 
@@ -39,6 +43,12 @@ __all__ = [
     "ETPLinear",
     "ETPLoRA",
     "ETPElemwise",
+    "ETPConv",
+    "ETPConv1d",
+    "ETPConv2d",
+    "ETPEmbedding",
+    "ETPGroupedLinear",
+    "ETPSparseLinear",
     "ETPGRUCell",
     "ETPLSTMCell",
     "ETPLIFCell",

@@ -8,11 +8,15 @@ import equinox as eqx
 import jax
 
 from .cells import ETPGRUCell, ETPLSTMCell
+from .conv import ETPConv, ETPConv1d, ETPConv2d
+from .embed import ETPEmbedding
 from .layers import ETPLinear
 
 __all__ = ["from_eqx", "to_eqx"]
 
 _TO_ETP = {eqx.nn.Linear: ETPLinear, eqx.nn.GRUCell: ETPGRUCell, eqx.nn.LSTMCell: ETPLSTMCell}
+_TO_ETP.update({eqx.nn.Conv: ETPConv, eqx.nn.Conv1d: ETPConv1d, eqx.nn.Conv2d: ETPConv2d})
+_TO_ETP[eqx.nn.Embedding] = ETPEmbedding
 
 
 def _swap(tree: Any, table: dict) -> Any:

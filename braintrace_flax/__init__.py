@@ -4,6 +4,8 @@ Linen (this module):
 
 - :class:`ETPDense`, :class:`ETPLoRA`, :class:`ETPElemwise`: linen layers whose
   parameters train by eligibility traces (``ETPDense`` is a drop-in for ``nn.Dense``).
+- :class:`ETPEmbed`, :class:`ETPEinsum`, :class:`ETPDenseGeneral`: drop-ins for
+  ``nn.Embed``, ``nn.Einsum`` and ``nn.DenseGeneral`` (embedding and einsum ops).
 - :class:`ETPLIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`, :class:`ETPLRUCell`: ready
   recurrent cells.
 - :func:`compile`: a linen module (or an ``nn.RNN``) and a loss to ``braintrace``'s
@@ -38,7 +40,18 @@ from .cells import (
     lstm_forward,
     spike,
 )
+from .conv import ETPConv, conv_forward
 from .convert import dense_interceptor, etp_dense_calls
+from .embed_einsum import (
+    ETPDenseGeneral,
+    ETPEinsum,
+    ETPEmbed,
+    attend_forward,
+    dense_general_forward,
+    einsum_forward,
+    embed_forward,
+)
+from .grouped_sparse import ETPGroupedDense, ETPSparseDense
 from .layers import FROZEN, ETPDense, ETPElemwise, ETPLoRA, dense_forward
 from .learner import compile, make_step
 
@@ -46,8 +59,19 @@ __all__ = [
     "ETPDense",
     "ETPLoRA",
     "ETPElemwise",
+    "ETPGroupedDense",
+    "ETPSparseDense",
     "FROZEN",
     "dense_forward",
+    "ETPConv",
+    "conv_forward",
+    "ETPEmbed",
+    "ETPEinsum",
+    "ETPDenseGeneral",
+    "embed_forward",
+    "attend_forward",
+    "einsum_forward",
+    "dense_general_forward",
     "ETPLIFCell",
     "LIFCell",
     "ETPGRUCell",

@@ -153,7 +153,8 @@ def compile(  # noqa: A001 - mirrors braintrace.compile
     convert_dense : bool
         Reroute stock ``nn.Dense`` layers through the ETP dense op (same params), so
         ``nn.SimpleCell``, ``nn.GRUCell``, ``nn.LSTMCell``, ``nn.MGUCell`` and
-        ``nn.OptimizedLSTMCell`` learn online unchanged.
+        ``nn.OptimizedLSTMCell`` learn online unchanged; stock ``nn.Embed``,
+        ``nn.Einsum`` and ``nn.DenseGeneral`` go through the embedding and einsum ops.
     method : str or callable, optional
         The module method to apply (default ``__call__``).
     constants : mapping, optional

@@ -164,9 +164,15 @@ class SpikingAccumulator(eqx.Module):
 
     cell: bte.LIFCell
     readout: eqx.nn.Linear  # plain Equinox: reaches no hidden state, exact gradient
+    #: LIF sub-steps per input frame (a lax.fori_loop; the compiler moves the cell's
+    #: ETP ops, whose input is the same every sub-step, before the loop).
+    substeps: int = eqx.field(static=True, default=1)
 
     def __call__(self, x, hidden):
-        hidden = self.cell(x, hidden)
+        if self.substeps == 1:
+            hidden = self.cell(x, hidden)
+        else:
+            hidden = jax.lax.fori_loop(0, self.substeps, lambda _, h: self.cell(x, h), hidden)
         return hidden, self.readout(self.cell.spike(hidden))
 
 
@@ -178,7 +184,8 @@ def init_model(key, n_in: int, args) -> SpikingAccumulator:
     # enough to hold the evidence and tunes the rest.
     a = jnp.linspace(0.8, 0.98, args.hidden)
     cell = eqx.tree_at(lambda c: c.decay.weight, cell, jnp.log(a / (1 - a)))
-    return SpikingAccumulator(cell, eqx.nn.Linear(args.hidden, 2, key=k_out))
+    readout = eqx.nn.Linear(args.hidden, 2, key=k_out)
+    return SpikingAccumulator(cell, readout, getattr(args, "substeps", 1))
 
 
 def zero_state(batch: int, n: int):
@@ -317,6 +324,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--pp-decay", type=float, default=0.9, help="pp_prop's trace decay")
     p.add_argument("--iterations", type=int, default=3000, help="Adam updates")
+    p.add_argument(
+        "--substeps", type=int, default=1, help="LIF sub-steps per input step (a fori_loop)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="trials per update")
     p.add_argument("--hidden", type=int, default=64, help="LIF neurons")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")

@@ -1,4 +1,5 @@
-"""Shared test setup: float64 is enabled for the whole suite.
+"""Shared test setup: float64 is enabled for the whole suite; under xdist the workers
+share one JAX compilation cache for the run.
 
 With x64 on, ``jnp.ones(...)`` defaults to float64, so tests that mean float32 say so.
 """
@@ -30,9 +31,14 @@ def _shared_dir(config) -> pathlib.Path:
 
 
 def pytest_configure(config):
-    """On the xdist controller, fix the run's id, so it can remove the jobs' folder."""
+    """On the xdist controller, fix the run's id, so it can remove the jobs' folder; on
+    a worker, share compiled programs with the other worker through that folder (many
+    tests compile the same small programs; XLA's compile is most of the suite's time)."""
     if not hasattr(config, "workerinput") and hasattr(config.option, "testrunuid"):
         config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
+    if hasattr(config, "workerinput"):
+        jax.config.update("jax_compilation_cache_dir", str(_shared_dir(config) / "jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 
 def pytest_unconfigure(config):

@@ -63,7 +63,7 @@ def _steps_in_user_scan(learner, params, state, xs, targets):
 
 # Every model and every mode runs in the default suite, each model in one mode (the
 # other six pairs with -m slow; test_exactness.py covers the exact class again).
-_FAST_EXACT = {("alif", "vmapped"), ("lif", "batched"), ("lora", "unbatched")}
+_FAST_EXACT = {("alif", "vmapped"), ("lif", "batched")}  # lora: test_exactness.py
 
 
 @pytest.mark.parametrize(

@@ -775,11 +775,12 @@ def test_where_select_and_cond_inside_a_step():
         check_against_oracle(graph, step, p, h, x, held, (h["a"], h["b"], h["c"]), ys, {"['w']": x})
 
 
-def test_cond_cuts_only_the_operand_with_a_bad_path():
-    """One branch sums ``y``: ``y`` loses its relation, ``h``'s elementwise path is kept.
+def test_cond_branches_are_inlined_and_keep_their_own_paths():
+    """One branch sums ``y``, the other adds it elementwise: inlined, ``y`` keeps the
+    elementwise path (a relation whose ``D_f`` drops the sum) and ``h`` its ``0.8``.
 
-    Regression: any bad path inside a ``cond`` used to cut *every* operand, so ``D``
-    came out 0 (not 0.8) and the report claimed ``D`` dropped ``hidden via cond``.
+    (Before branches were inlined, a ``cond`` was one node and the bad path in one
+    branch cut ``y`` as a whole.)
     """
 
     def step(p, h, x):
@@ -789,14 +790,15 @@ def test_cond_cuts_only_the_operand_with_a_bad_path():
 
     p, h, x = _small()
     graph = compile_graph(step, p, h, x)
-    assert graph.relations == ()
-    assert graph.report.groups[0].dropped == ()
-    assert "only through cond" in graph.report.ops[0].note
-    assert graph.report.param("['w']").mode == "one-step"
+    (relation,) = graph.relations
+    assert "reduce_sum" in relation.dropped
+    assert graph.report.param("['w']").mode == "trace"
+    assert graph.report.control_flow[0][:2] == ("cond #0 (2 branches)", "inlined")
     np.testing.assert_array_equal(Parts(graph, p, h, x).d[0], 0.8)
 
 
-def test_loops_inside_a_step_are_refused():
+def test_loops_inside_a_step():
+    """A scan or static fori_loop on the state is composed; a while loop is refused."""
     p, h, x = _small()
 
     def scan_step(p, h, x):
@@ -812,22 +814,25 @@ def test_loops_inside_a_step_are_refused():
         h = lax.fori_loop(0, 2, lambda i, c: 0.9 * c, h)
         return h + ops.dense(x, p["w"]), h
 
-    with pytest.raises(CompileError, match=r"'scan' loop.*scan/while"):
-        compile_graph(scan_step, p, h, x)
-    with pytest.raises(CompileError, match=r"'while' loop.*scan/while"):
+    for step in (scan_step, static_fori_step):
+        graph = compile_graph(step, p, h, x)
+        assert graph.report.control_flow[0][1] == "composed"
+        np.testing.assert_allclose(Parts(graph, p, h, x).d[0], 0.81, rtol=1e-6)
+    with pytest.raises(CompileError, match=r"while loop #0 carries hidden"):
         compile_graph(while_step, p, h, x)
-    with pytest.raises(CompileError, match=r"scan/while"):
-        compile_graph(static_fori_step, p, h, x)
 
 
-def test_etp_op_inside_cond_branch_is_refused():
+def test_etp_op_inside_a_cond_branch_is_traced():
     def step(p, h, x):
         y = lax.cond(x.sum() > 0, lambda: ops.dense(x, p["w"]), lambda: jnp.zeros(N))
         return 0.9 * h + y, h
 
     p, h, x = _small()
-    with pytest.raises(CompileError, match=r"ETP op sits inside a 'cond'"):
-        compile_graph(step, p, h, x)
+    graph = compile_graph(step, p, h, x)
+    assert graph.report.param("['w']").mode == "trace"
+    parts = Parts(graph, p, h, x)
+    taken = float(x.sum()) > 0
+    np.testing.assert_array_equal(parts.xs[0], x if taken else 0 * x)
 
 
 # -- 4. every CompileError ----------------------------------------------------------------

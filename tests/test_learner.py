@@ -159,7 +159,7 @@ WINDOW_FLOORS = {"rnn": (0.85, 0.95, 0.99), "gru": (0.88, 0.95, 0.99), "rlif": (
 @pytest.mark.parametrize(
     "model",
     [
-        "rnn",
+        pytest.param("rnn", marks=pytest.mark.slow),
         pytest.param("gru", marks=pytest.mark.slow),
         pytest.param("rlif", marks=pytest.mark.slow),
     ],

@@ -85,7 +85,7 @@ def test_the_reasons_agree_with_the_ops_table():
 class _ConvGRU(nn.Module):
     @nn.compact
     def __call__(self, h, x):
-        u = nn.Conv(4, (3,))(x)  # the line the report and the warning must point at
+        u = nn.ConvLocal(4, (3,))(x)  # the line the report and the warning must point at
         return nn.GRUCell(8)(h, u.reshape(u.shape[0], -1))
 
 
@@ -96,8 +96,8 @@ def test_a_converted_layer_is_reported_at_the_users_line():
     learner = btf.compile(
         model, lambda o, y: jnp.sum((o - y) ** 2), bt.D_RTRL(), convert_dense=True
     )
-    kernel = learner.report(params, h, x).param("['Conv_0']['kernel']")
-    line = next(i for i, s in enumerate(open(__file__), 1) if "nn.Conv(4, (3,))(x)" in s)
+    kernel = learner.report(params, h, x).param("['ConvLocal_0']['kernel']")
+    line = next(i for i, s in enumerate(open(__file__), 1) if "nn.ConvLocal(4, (3,))(x)" in s)
     assert kernel.gradient == "truncated"
     assert f"{HERE}:{line}" in kernel.short and f"{HERE}:{line}" in kernel.reason
     assert "convert.py" not in kernel.reason and "interceptor" not in kernel.reason

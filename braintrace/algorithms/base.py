@@ -125,12 +125,26 @@ class Algorithm:
     def trace_bytes(self, graph: ETPGraph, param_leaves: list) -> int:
         """Trace memory per sample, in bytes."""
         shapes = jax.eval_shape(lambda: self.init_traces(graph, param_leaves))
-        total = sum(
-            int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-            for a in jax.tree_util.tree_leaves(shapes)
-        )
-        batch = math.prod(graph.batch_lead)
-        return total // batch
+        return sample_bytes(graph, shapes)
+
+    def op_trace_bytes(self, graph: ETPGraph, param_leaves: list) -> dict:
+        """Trace memory per sample of each op (``{op index: bytes}``), for an algorithm
+        whose traces belong to ops; empty otherwise (RTRL's and UORO's are per leaf)."""
+        return {}
+
+
+def sample_bytes(graph: ETPGraph, tree) -> int:
+    """Bytes per sample of a pytree of arrays (or shapes) with the graph's batch axis."""
+    total = sum(
+        int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree)
+    )
+    return total // math.prod(graph.batch_lead)
+
+
+def add_bytes(per_op: dict, op: int, graph: ETPGraph, tree) -> None:
+    """Add ``tree``'s bytes per sample to op ``op``'s entry of ``per_op`` (none: no entry)."""
+    if jax.tree_util.tree_leaves(tree):
+        per_op[op] = per_op.get(op, 0) + sample_bytes(graph, tree)
 
 
 #: Old name of the base of the trace-keeping algorithms (kept for imports).

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
-from .base import Algorithm
+from .base import Algorithm, add_bytes
 from .relation import (
     credit_relation,
     init_relation,
@@ -73,6 +74,13 @@ class D_RTRL(Algorithm):
         return DRTRLTraces(
             tuple(init_relation(graph, r, param_leaves, self.trace_dtype) for r in graph.relations)
         )
+
+    def op_trace_bytes(self, graph, param_leaves) -> dict:
+        traces = jax.eval_shape(lambda: self.init_traces(graph, param_leaves))
+        per_op: dict = {}
+        for r, trace in zip(graph.relations, traces.relations):
+            add_bytes(per_op, r.op, graph, trace)
+        return per_op
 
     def credit(self, graph, param_leaves, traces, signals, count) -> dict:
         grads: dict = {}

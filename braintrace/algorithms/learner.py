@@ -82,8 +82,9 @@ class Learner:
         graph = compile_graph(self.step_fn, params, hidden, x, batched=self.batched)
         leaves = jax.tree_util.tree_leaves(params)
         memory = ((self.algorithm.name, self.algorithm.trace_bytes(graph, leaves)),)
+        per_op = tuple(sorted(self.algorithm.op_trace_bytes(graph, leaves).items()))
         report = self.algorithm.describe(graph.report, graph)
-        return dataclasses.replace(report, trace_memory=memory)
+        return dataclasses.replace(report, trace_memory=memory, op_trace_memory=per_op)
 
     # -- state ----------------------------------------------------------------------------
     def init(self, params, hidden, x, *, key=None) -> LearnerState:

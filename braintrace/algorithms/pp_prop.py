@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import registry
-from .base import Algorithm
+from .base import Algorithm, add_bytes
 from .relation import credit_relation, init_relation, update_relation
 from .wiring import add_into, op_weights, to_outputs, weight_structs, with_lead
 
@@ -65,7 +65,15 @@ def _per_sample_inputs(graph, op) -> bool:
     return graph.batched and not op.batched
 
 
-def _init_inputs(graph) -> tuple:
+def _input_space(op, w):
+    """``x -> `` what ``epsx`` accumulates: the op's ``x_to_input_trace`` rule, else ``x``."""
+    if not registry.has_rule(op.primitive, "x_to_input_trace"):
+        return lambda x: x
+    rule = registry.get_rule(op.primitive, "x_to_input_trace")
+    return lambda x: rule(x, w, **op.params)
+
+
+def _init_inputs(graph, param_leaves) -> tuple:
     traced = set(graph.traced_ops)
     inputs = []
     for op in graph.ops:
@@ -75,7 +83,9 @@ def _init_inputs(graph) -> tuple:
         shape = tuple(op.x_aval.shape)
         if _per_sample_inputs(graph, op):
             shape = graph.batch_lead + shape
-        inputs.append(jnp.zeros(shape, op.x_aval.dtype))
+        space = _input_space(op, weight_structs(graph, op.index, param_leaves))
+        eps = jax.eval_shape(space, jax.ShapeDtypeStruct(shape, op.x_aval.dtype))
+        inputs.append(jnp.zeros(eps.shape, eps.dtype))
     return tuple(inputs)
 
 
@@ -150,6 +160,15 @@ class ES_D_RTRL(Algorithm):
         )
 
     # -- traces ----------------------------------------------------------------------
+    def op_trace_bytes(self, graph, param_leaves) -> dict:
+        traces = jax.eval_shape(lambda: self.init_traces(graph, param_leaves))
+        per_op: dict = {}
+        for op, eps_x in zip(graph.ops, traces.inputs):
+            add_bytes(per_op, op.index, graph, eps_x)
+        for r, eps_f in zip(graph.relations, traces.outputs):
+            add_bytes(per_op, r.op, graph, eps_f)
+        return per_op
+
     def init_traces(self, graph, param_leaves, key=None) -> PPTraces:
         outputs = []
         for r in graph.relations:
@@ -161,7 +180,7 @@ class ES_D_RTRL(Algorithm):
             w_var = weight_structs(graph, r.op, param_leaves)
             epsf = op.rules.init_pp(x_var, y_var, w_var, graph.groups[r.group].num_states)
             outputs.append(with_lead(graph, r, epsf))
-        return PPTraces(_init_inputs(graph), tuple(outputs))
+        return PPTraces(_init_inputs(graph, param_leaves), tuple(outputs))
 
     def _correction(self, count, dtype):
         """``1 / (1 - alpha_f^n)`` after ``n`` trace updates (1 without the correction)."""
@@ -213,9 +232,18 @@ class ES_D_RTRL(Algorithm):
             return jax.tree_util.tree_map(lambda a: a.sum(0), per)
         return op.rules.xy_to_dw(epsx, ghat.astype(epsx.dtype), w)
 
+    def _input_trace(self, graph, k, param_leaves, eps, x):
+        """``alpha_x * eps + x`` with op ``k``'s ``x`` in its input-trace space."""
+        if eps is None:
+            return None
+        op = graph.ops[k]
+        if registry.has_rule(op.primitive, "x_to_input_trace"):
+            x = _input_space(op, op_weights(graph, k, param_leaves))(x)
+        return self.alpha_x * eps + x.astype(eps.dtype)
+
     def update(self, graph, param_leaves, traces, parts, count) -> PPTraces:
         inputs = tuple(
-            None if eps is None else self.alpha_x * eps + parts.xs[k].astype(eps.dtype)
+            self._input_trace(graph, k, param_leaves, eps, parts.xs[k])
             for k, eps in enumerate(traces.inputs)
         )
         outputs = []

@@ -36,6 +36,8 @@ class Analysis:
         Per hidden leaf, ``{source: Reach}`` over the paths ``D`` and ``D_f`` follow.
     routes : Routes
         Every route from every source (see :mod:`braintrace.compiler.reach`).
+    control_flow : tuple
+        ``(label, handling, note)`` per cond, switch and loop of the step.
     """
 
     graph: Any
@@ -46,6 +48,7 @@ class Analysis:
     dropped_coupling: dict
     out_taint: tuple
     routes: Routes
+    control_flow: tuple = ()  # (label, handling, note) per cond, switch and loop
 
     @property
     def num_hidden(self) -> int:

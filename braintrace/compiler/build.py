@@ -24,7 +24,7 @@ from . import program as prog
 from .analysis import Analysis
 from .errors import CompileError
 from .graph import ETPGraph, HiddenGroup, OpInfo, Relation, SelfLoop
-from .paths import analyse
+from .paths import analyse, merge
 from .program import is_inexact
 from .reach import trace_routes
 from .report import build_report
@@ -202,11 +202,64 @@ def _check_no_hidden_etp(program):
         for sub in prog.sub_jaxprs(node.params):
             if prog.contains_primitive(sub, registry.is_etp_primitive):
                 raise CompileError(
-                    f"an ETP op sits inside a '{node.primitive.name}' (a cond branch or a "
-                    "custom_jvp/custom_vjp function); the compiler cannot hold its output "
-                    "fixed there. Call the ETP op outside it (use jnp.where to select "
-                    "between branches)."
+                    f"an ETP op sits inside a '{node.primitive.name}' (a custom_jvp/custom_vjp "
+                    "function); the compiler cannot hold its output fixed there. Call the ETP "
+                    "op outside it."
                 )
+
+
+def _source_names(sources: dict, flat: _Flat, ops) -> list:
+    names = []
+    for src in sorted(sources):
+        if src[0] == "h":
+            names.append(f"hidden{flat.h_paths[src[1]]}")
+        else:
+            names.append(f"the output of ETP op #{src[1]} ({ops[src[1]].primitive.name})")
+    return names
+
+
+def _check_while(program, taints: dict, flat: _Flat, ops) -> None:
+    """A while loop may stay opaque only if no hidden state or ETP output passes it."""
+    for c in program.control:
+        if c.kind != "while":
+            continue
+        node = program.nodes[c.node]
+        sources = merge(*(taints.get(a, {}) for a in node.inputs if isinstance(a, int)))
+        if sources:
+            raise CompileError(
+                f"the step's {c.label} carries {', '.join(_source_names(sources, flat, ops))}: "
+                "a while loop has no reverse mode and no static length, so nothing learnt "
+                "may pass through it. Use lax.fori_loop with static bounds or lax.scan "
+                "(composed, or unrolled when it holds ETP ops), or compute the loop from "
+                "constants only."
+            )
+
+
+_HANDLING_NOTES = {
+    "inlined": "every branch inlined; each sample's x, D, D_f from the branch it takes",
+    "unrolled": "unrolled; one op (and one trace) per iteration",
+    "composed": "D and D_f composed through every iteration (forward mode)",
+    "opaque": "no hidden state or ETP output passes through it",
+}
+
+
+def _control_flow(program, taints: dict) -> tuple:
+    """``(label, handling, note)`` of every cond, switch and loop (a kept loop is
+    ``composed`` when hidden state or an ETP output passes through it, else ``opaque``)."""
+    rows = []
+    for c in program.control:
+        handling = c.handling
+        if handling == "kept":
+            node = program.nodes[c.node]
+            passes = any(taints.get(a) for a in node.inputs if isinstance(a, int))
+            handling = "composed" if passes else "opaque"
+        note = _HANDLING_NOTES[handling]
+        if c.hoisted:
+            note += f"; {c.hoisted} ETP op(s) moved before it (same input every iteration)"
+        elif c.etp_ops:
+            note += f"; holds {c.etp_ops} ETP op(s)"
+        rows.append((c.label, handling, note))
+    return tuple(rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,6 +626,7 @@ def compile_graph(
     info, facts = _analyse_paths(program, flat, ops, h_avals, batched)
     float_h = [i for i, a in enumerate(h_avals) if is_inexact(a)]
     groups, dropped_coupling = _group_hidden(float_h, facts.out_taint, h_avals, flat.h_paths)
+    _check_while(program, info.taints, flat, ops)
     relations, op_notes = _find_relations(ops, groups, facts)
     self_loops, loop_notes = _self_loops(facts, info.taints, ops, groups, relations)
     graph = ETPGraph(
@@ -603,6 +657,7 @@ def compile_graph(
             dropped_coupling=dropped_coupling,
             out_taint=facts.out_taint,
             routes=_all_routes(program, flat, ops, h_avals),
+            control_flow=_control_flow(program, info.taints),
         )
     )
     return graph

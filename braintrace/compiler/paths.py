@@ -40,6 +40,7 @@ ELEMENTWISE = frozenset(
 )
 COMPARISONS = frozenset({"eq", "ne", "ge", "gt", "le", "lt"})
 WITH_BODY = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "cond"})
+LOOPS = frozenset({"scan", "while"})
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
 #: Operations that only move the elements of their first operand (concatenate: of
 #: every operand); gather and dynamic_slice only with constant indices.
@@ -171,6 +172,69 @@ def _body_taints(jaxpr, in_taints, batched):
     return [read(a) for a in inner.outvars]
 
 
+def _body_summary(eqn, operands, batched) -> list:
+    """Per result of a cond / custom call: ``{operand index: Reach}`` through its body."""
+    bodies = sub_jaxprs(eqn.params)
+    skip = 1 if eqn.primitive.name == "cond" else 0
+    if skip == 0:
+        bodies = bodies[:1]
+    summaries = []
+    for body in bodies:
+        probes = [{i: Reach(True)} if t else {} for i, t in enumerate(operands)][skip:]
+        summaries.append(_body_taints(body, probes, batched))
+    return [merge(*(s[j] for s in summaries)) for j in range(len(eqn.outvars))]
+
+
+def _scan_summary(eqn, operands, batched) -> list:
+    """Per result of a scan: ``{operand index: Reach}`` over all its iterations.
+
+    The carry is iterated to a fixed point. A per-iteration input (``xs``) reaches
+    a result from all its rows and a stacked result (``ys``) spreads over a new
+    axis, so neither is position-preserving.
+    """
+    p = eqn.params
+    n_in, n_carry = p["num_consts"] + p["num_carry"], p["num_carry"]
+    probes = [{i: Reach(True)} if t else {} for i, t in enumerate(operands)]
+    for i in range(n_in, len(operands)):
+        probes[i] = {s: r.broken("scan xs") for s, r in probes[i].items()}
+    carry_in = probes[p["num_consts"] : n_in]
+    while True:
+        args = probes[: p["num_consts"]] + carry_in + probes[n_in:]
+        outs = _body_taints(p["jaxpr"], args, batched)
+        grown = [merge(a, b) for a, b in zip(carry_in, outs[:n_carry])]
+        if grown == carry_in:
+            break
+        carry_in = grown
+    ys = [{s: r.broken("scan ys") for s, r in t.items()} for t in outs[n_carry:]]
+    return outs[:n_carry] + ys
+
+
+def _summary(eqn, operands, batched) -> list:
+    name = eqn.primitive.name
+    if name == "scan":
+        return _scan_summary(eqn, operands, batched)
+    if name == "while":  # refused on any path by the compiler; here: every path cut
+        tainted = {i: Reach(False, frozenset({"while"})) for i, t in enumerate(operands) if t}
+        return [dict(tainted) for _ in eqn.outvars]
+    return _body_summary(eqn, operands, batched)
+
+
+def _through_summary(name: str, operands: list, reach: list):
+    """Results' taints and cut operands from a summary (an operand with a path that is
+    not position-preserving, to any result, is cut as a whole)."""
+    cut = frozenset(i for t in reach for i, r in t.items() if r.bad or not r.ok)
+    outs = [
+        merge(
+            *(
+                {src: r.broken(name) for src, r in operands[i].items()} if i in cut else operands[i]
+                for i in t
+            )
+        )
+        for t in reach
+    ]
+    return outs, cut
+
+
 def _movable(name: str, j: int, taint: dict, constant: frozenset, n_operands: int) -> bool:
     """Whether operand ``j`` may pass a mover: only ETP outputs, only its moved operand."""
     if name not in MOVERS or any(src[0] != "y" for src in taint):
@@ -192,36 +256,12 @@ def _transfer(eqn, in_taints, batched, top_level, constant=frozenset()):
     if not any(in_taints):
         return [{} for _ in range(n_out)], frozenset()
 
-    if name in WITH_BODY:
+    if name in WITH_BODY or name in LOOPS:
         operands = list(in_taints)
-        bodies = sub_jaxprs(eqn.params)
         if name == "cond":
             operands[0] = {}  # the branch index carries no derivative
-            bodies_args = [(b, 1) for b in bodies]
-        else:
-            bodies_args = [(bodies[0], 0)]
-        # Summarise the body: which operand reaches which result, and how.
-        summaries = []
-        for body, skip in bodies_args:
-            probes = [{i: Reach(True)} if t else {} for i, t in enumerate(operands)][skip:]
-            summaries.append(_body_taints(body, probes, batched))
-        reach = [merge(*(s[j] for s in summaries)) for j in range(n_out)]
-        # An operand with a non-position-preserving path inside the body (in any
-        # branch, to any result) is cut as a whole; the other operands are kept.
-        cut = frozenset(i for t in reach for i, r in t.items() if r.bad or not r.ok)
-        outs = []
-        for t in reach:
-            outs.append(
-                merge(
-                    *(
-                        {src: r.broken(name) for src, r in operands[i].items()}
-                        if i in cut
-                        else operands[i]
-                        for i in t
-                    )
-                )
-            )
-        return outs, cut
+        reach = _summary(eqn, operands, batched)
+        return _through_summary(name, operands, reach)
 
     if name == "stop_gradient":
         return [{} for _ in range(n_out)], frozenset()

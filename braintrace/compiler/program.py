@@ -1,10 +1,11 @@
 """Trace a step function and flatten its jaxpr into a list of nodes.
 
 ``jax.jit`` / closed calls / ``jax.checkpoint`` are inlined so ETP equations inside a
-jitted helper are visible; ``custom_jvp`` / ``custom_vjp`` calls stay single nodes
-so their custom derivatives (surrogate spikes) are kept when the program is
-evaluated. Values are numbered ``0..n``; a node reads atoms (value ids or
-constants) and writes value ids.
+jitted helper are visible; ``cond`` / ``switch`` are inlined branch by branch and
+short loops holding ETP ops unrolled (:mod:`.control_flow`); ``custom_jvp`` /
+``custom_vjp`` calls stay single nodes so their custom derivatives (surrogate
+spikes) are kept when the program is evaluated. Values are numbered ``0..n``; a
+node reads atoms (value ids or constants) and writes value ids.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
+from .. import registry
+from . import control_flow
+from .eqns import bind
 from .errors import CompileError
 
 # Call primitives inlined ("pjit" is jax.jit in older JAX; "remat2" is jax.checkpoint).
@@ -64,6 +68,8 @@ class Program:
     inputs: list[int]
     outputs: list  # int value ids or Const
     avals: dict[int, Any]  # value id -> ShapedArray
+    #: Every cond, switch and loop of the step and how it was handled.
+    control: tuple = ()
 
     def aval_of(self, atom):
         """Abstract value of an atom (a value id or a :class:`Const`)."""
@@ -111,12 +117,58 @@ class _Builder:
         self.nodes: list[Node] = []
         self.avals: dict[int, Any] = {}
         self._next = 0
+        #: Inside a cond branch: the atom saying whether this branch is taken.
+        self.taken = None
+        #: Guarded value id -> the raw atom it guards (ETP ops read their trainables raw).
+        self.raw: dict = {}
+        self.control: list = []
 
     def new_value(self, aval) -> int:
         vid = self._next
         self._next += 1
         self.avals[vid] = aval
         return vid
+
+    def aval_of(self, atom):
+        if isinstance(atom, Const):
+            value = atom.value
+            return jax.core.ShapedArray(jax.numpy.shape(value), jax.numpy.result_type(value))
+        return self.avals[atom]
+
+    def count(self, kind: str) -> int:
+        return sum(c.kind == kind for c in self.control)
+
+    def _node(self, eqn, ins) -> list:
+        """Append ``eqn`` as a node (an ETP op in a branch: guarded, see control_flow)."""
+        in_branch = self.taken is not None and registry.is_etp_primitive(eqn.primitive)
+        if in_branch:
+            ins = control_flow.etp_in_branch(self, eqn, ins)
+        outs = [self.new_value(v.aval) for v in eqn.outvars]
+        if eqn.primitive.name in LOOPS:
+            self.control.append(
+                control_flow.ControlFlow(
+                    eqn.primitive.name,
+                    f"{control_flow.loop_kind(eqn)} #{self.count(eqn.primitive.name)}",
+                    "kept",
+                    len(self.nodes),
+                )
+            )
+        self.nodes.append(Node(eqn, ins, outs))
+        return [control_flow.guard(self, o) for o in outs] if in_branch else outs
+
+    def _equation(self, eqn, ins) -> list:
+        name = eqn.primitive.name
+        if name in INLINED:
+            sub = next(iter(_sub_jaxprs(eqn.params)))
+            inner, inner_consts = _closed(sub)
+            return self.inline(inner, inner_consts, ins)
+        if name == "cond":
+            return control_flow.inline_cond(self, eqn, ins)
+        if name == "scan" and eqn.params["length"] and control_flow.count_etp(eqn.params["jaxpr"]):
+            return control_flow.inline_scan(self, eqn, ins)
+        if name == "while":
+            control_flow.check_while(eqn)
+        return self._node(eqn, ins)
 
     def inline(self, jaxpr, consts, args) -> list:
         env: dict = {}
@@ -131,21 +183,7 @@ class _Builder:
         for var, arg in zip(jaxpr.invars, args):
             env[var] = arg
         for eqn in jaxpr.eqns:
-            ins = [read(a) for a in eqn.invars]
-            name = eqn.primitive.name
-            if name in INLINED:
-                sub = next(iter(_sub_jaxprs(eqn.params)))
-                inner, inner_consts = _closed(sub)
-                outs = self.inline(inner, inner_consts, ins)
-            elif name in LOOPS:
-                raise CompileError(
-                    f"the step contains a '{name}' loop; braintrace compiles ONE time step and "
-                    "cannot see through a scan/while inside it. Write the step without the loop "
-                    "(the learner's scan runs over time), or unroll a short fixed loop in Python."
-                )
-            else:
-                outs = [self.new_value(v.aval) for v in eqn.outvars]
-                self.nodes.append(Node(eqn, ins, outs))
+            outs = self._equation(eqn, [read(a) for a in eqn.invars])
             for var, out in zip(eqn.outvars, outs):
                 if not isinstance(var, jcore.DropVar):
                     env[var] = out
@@ -158,16 +196,7 @@ def flatten(closed_jaxpr) -> Program:
     jaxpr, consts = _closed(closed_jaxpr)
     inputs = [builder.new_value(v.aval) for v in jaxpr.invars]
     outputs = builder.inline(jaxpr, consts, inputs)
-    return Program(builder.nodes, inputs, outputs, builder.avals)
-
-
-def bind(primitive, params, invals):
-    """Bind ``primitive`` as an equation would (older JAX returns subfunctions too)."""
-    bind_params = primitive.get_bind_params(params)
-    subfuns = []
-    if isinstance(bind_params, tuple):
-        subfuns, bind_params = bind_params
-    return primitive.bind(*subfuns, *invals, **bind_params)
+    return Program(builder.nodes, inputs, outputs, builder.avals, tuple(builder.control))
 
 
 def _bind_forward(primitive, params, invals):

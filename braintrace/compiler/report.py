@@ -133,6 +133,12 @@ class CompileReport:
     ignored_hidden: tuple  # (path, reason)
     warnings: tuple = ()
     trace_memory: tuple = ()  # (algorithm name, bytes per sample)
+    #: ``(op index, bytes per sample)`` of the learner's algorithm, for the ops whose
+    #: traces it keeps per op (filled in by a learner, as ``trace_memory``).
+    op_trace_memory: tuple = ()
+    #: ``(label, handling, note)`` per cond, switch and loop of the step
+    #: (``docs/algorithms.md``, "Control flow").
+    control_flow: tuple = ()
 
     def param(self, path: str) -> ParamEntry:
         """The entry of the parameter whose path is ``path`` (e.g. ``"['w']"``).
@@ -235,13 +241,20 @@ class CompileReport:
         for title, rows in (
             ("parameters", _param_rows(self.params)),
             ("hidden groups", _group_rows(self.groups, self.ignored_hidden)),
-            ("ETP ops", _op_rows(self.ops)),
+            ("ETP ops", _op_rows(self.ops, dict(self.op_trace_memory))),
+            ("control flow", _control_rows(self.control_flow)),
         ):
+            if title == "control flow" and not self.control_flow:
+                continue
             lines += ["", title] + _table(rows, wrap=(2, -1) if title == "ETP ops" else (-1,))
         if self.trace_memory:
             listed = ", ".join(f"{name} {_bytes(n)}" for name, n in self.trace_memory)
             lines += ["", f"trace memory per sample: {listed}"]
         return "\n".join(lines)
+
+
+def _control_rows(control_flow: tuple) -> list:
+    return [("node", "handling", "note")] + [tuple(row) for row in control_flow]
 
 
 def _param_label(path: str) -> str:
@@ -291,12 +304,15 @@ def _group_rows(groups, ignored_hidden) -> list:
     return rows
 
 
-def _op_rows(ops) -> list:
-    rows = [("op", "primitive", "trainables", "trace groups", "note")]
+def _op_rows(ops, op_bytes: dict) -> list:
+    rows = [("op", "primitive", "trainables", "trace groups", "trace/sample", "note")]
     for op in ops:
         trainables = ", ".join(f"{k}={v}" for k, v in op.trainables.items())
         groups = ", ".join(f"#{g}" for g in op.groups) or "-"
-        rows.append((f"#{op.index}", op.primitive, trainables, groups, op.note))
+        size = _bytes(op_bytes[op.index]) if op.index in op_bytes else "-"
+        rows.append((f"#{op.index}", op.primitive, trainables, groups, size, op.note))
+    if not op_bytes:
+        rows = [row[:4] + row[5:] for row in rows]
     return rows
 
 
@@ -433,4 +449,5 @@ def build_report(analysis: Analysis) -> CompileReport:
         ops=_op_entries(analysis),
         ignored_hidden=ignored,
         warnings=_warnings(analysis),
+        control_flow=analysis.control_flow,
     )

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..primitive import register_primitive
 from . import _checks
+from ._pair import register_pair
 
 __all__ = ["dense", "etp_mv", "etp_mm", "WEIGHT_LAYOUTS"]
 
@@ -112,26 +112,19 @@ def init_output_trace(x_var, y_var, weight_var, num_states):
     return _zeros_with_states((), y_var, num_states)
 
 
-etp_mm = register_primitive(
-    "etp_mm",
-    _dense_impl,
-    batched=True,
-    trainable_invars_fn=_trainables,
-)
-etp_mv = register_primitive(
-    "etp_mv",
-    _dense_impl,
-    trainable_invars_fn=_trainables,
-    batched_counterpart=etp_mm,
-)
-for _prim, _batched in ((etp_mv, False), (etp_mm, True)):
-    _prim.register_etp_rules(
+def _rules(batched: bool) -> dict:
+    return dict(
         yw_to_w=dense_yw_to_w,
         xy_to_dw=dense_xy_to_dw,
-        init_drtrl=functools.partial(_init_drtrl, _batched),
+        init_drtrl=functools.partial(_init_drtrl, batched),
         init_pp=init_output_trace,
         input_entries=dense_input_entries,
     )
+
+
+etp_mv, etp_mm = register_pair(
+    "etp_mv", "etp_mm", _dense_impl, _rules, trainable_invars_fn=_trainables
+)
 
 
 @_checks.checked_signature(_OP)

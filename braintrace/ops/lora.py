@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..primitive import register_primitive
 from . import _checks
+from ._pair import register_pair
 from .dense import _init_drtrl, _outer, _sum_lead, entries_at, init_output_trace
 
 __all__ = ["lora", "etp_lora_mv", "etp_lora_mm"]
@@ -104,22 +104,21 @@ def _init_lora_drtrl(batched, x_var, y_var, weight_var, num_states):
     return _init_drtrl(batched, x_var, y_var, eff, num_states)
 
 
-etp_lora_mm = register_primitive(
-    "etp_lora_mm", _lora_impl, batched=True, trainable_invars_fn=_trainables
-)
-etp_lora_mv = register_primitive(
-    "etp_lora_mv", _lora_impl, trainable_invars_fn=_trainables, batched_counterpart=etp_lora_mm
-)
-for _prim, _batched in ((etp_lora_mv, False), (etp_lora_mm, True)):
-    _prim.register_etp_rules(
+def _rules(batched: bool) -> dict:
+    return dict(
         yw_to_w=lora_yw_to_w,
         xy_to_dw=lora_xy_to_dw,
-        init_drtrl=functools.partial(_init_lora_drtrl, _batched),
+        init_drtrl=functools.partial(_init_lora_drtrl, batched),
         init_pp=init_output_trace,
         xy_to_trace=lora_xy_to_trace,
         trace_to_dw=lora_trace_to_dw,
         input_entries=lora_input_entries,
     )
+
+
+etp_lora_mv, etp_lora_mm = register_pair(
+    "etp_lora_mv", "etp_lora_mm", _lora_impl, _rules, trainable_invars_fn=_trainables
+)
 
 
 def _static_scale(scale: Any) -> float:

@@ -2,7 +2,9 @@
 
 - :class:`ETPLinear`, :class:`ETPLoRA`: twins of ``nnx.Linear`` / ``nnx.LoRA`` (same
   constructor, ``Param`` s and outputs) whose parameters train by eligibility traces;
-  :class:`ETPElemwise`: a trainable per-neuron parameter.
+  :class:`ETPElemwise`: a trainable per-neuron parameter. :class:`ETPEmbed`,
+  :class:`ETPEinsum`, :class:`ETPLinearGeneral`: twins of ``nnx.Embed``,
+  ``nnx.Einsum`` and ``nnx.LinearGeneral`` (embedding and einsum ops).
 - :func:`convert`: every stock ``nnx.Linear`` / ``nnx.LoRA`` in a model runs through
   ETP ops, in place, keeping its ``Param`` objects (``nnx.state`` is unchanged).
 - :class:`ETPLIFCell`, :class:`ETPGRUCell`, :class:`ETPLSTMCell`,
@@ -24,7 +26,10 @@ Examples
 """
 
 from .cells import ETPGRUCell, ETPLIFCell, ETPLRUCell, ETPLSTMCell, ETPOptimizedLSTMCell
+from .conv import ETPConv
 from .convert import ETP_TWINS, convert
+from .embed_einsum import ETPEinsum, ETPEmbed, ETPLinearGeneral
+from .grouped_sparse import ETPGroupedLinear, ETPSparseLinear
 from .layers import ETPElemwise, ETPLinear, ETPLoRA
 from .learner import Learner, compile
 
@@ -32,6 +37,12 @@ __all__ = [
     "ETPLinear",
     "ETPLoRA",
     "ETPElemwise",
+    "ETPConv",
+    "ETPEmbed",
+    "ETPEinsum",
+    "ETPLinearGeneral",
+    "ETPGroupedLinear",
+    "ETPSparseLinear",
     "ETPLIFCell",
     "ETPGRUCell",
     "ETPLSTMCell",

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 from flax import nnx
 
+from .conv import ETPConv
+from .embed_einsum import ETPEinsum, ETPEmbed, ETPLinearGeneral
 from .layers import ETPLinear, ETPLoRA
 
 __all__ = ["convert", "ETP_TWINS"]
@@ -21,6 +23,10 @@ M = TypeVar("M", bound=nnx.Module)
 
 #: Stock NNX layer -> its ETP twin (exact types: a user subclass may compute otherwise).
 ETP_TWINS: dict[type, type] = {nnx.Linear: ETPLinear, nnx.LoRA: ETPLoRA}
+ETP_TWINS[nnx.Conv] = ETPConv
+ETP_TWINS[nnx.Embed] = ETPEmbed
+ETP_TWINS[nnx.Einsum] = ETPEinsum
+ETP_TWINS[nnx.LinearGeneral] = ETPLinearGeneral
 
 
 def convert(model: M) -> M:
