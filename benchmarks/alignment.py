@@ -31,8 +31,7 @@ default run takes a few minutes on 2 CPU cores.
 
 ``--model convlstm`` (not in the default run) runs a stock ``flax.linen.ConvLSTMCell``
 through ETP convolutions (``braintrace_flax.etp_dense_calls``) on ``5 x 5`` images with
-``n_in`` channels and ``n // 8`` feature maps; SnAp-1 is left out (the conv op has no
-``input_entries`` rule).
+``n_in`` channels and ``n // 8`` feature maps.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ SKIP = ("ro",)  # the readout: exact for every algorithm, it would inflate the a
 RECURRENT = {"rnn": ("wh",), "gru": ("whr", "whz", "whn"), "rlif": ("wr",)}
 
 #: Algorithms a model's ops cannot run (SnAp-1 needs an op's own recurrent entry).
-UNSUPPORTED = {"convlstm": ("snap1",)}
+UNSUPPORTED: dict = {}
 
 
 def convlstm_problem(args, seed: int = 0):

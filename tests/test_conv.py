@@ -340,3 +340,31 @@ def test_pp_prop_trace_memory_in_the_report():
     sizes = conv_trace_sizes(SPATIAL + (C_IN,), OUT_SPATIAL + (C_OUT,), WINDOW + (C_IN, C_OUT), 2)
     memory = dict(learner.report(params, hidden, xs[0]).trace_memory)
     assert memory == {"pp_prop": 8 * sizes["pp_prop"]}
+
+
+@pytest.mark.slow
+def test_snap1_runs_a_recurrent_conv_with_its_own_taps():
+    """A 1-d conv RNN ``h' = tanh(conv(h, k) + x)``: SnAp-1 reads the recurrent kernel's
+    own taps (``input_entries``), so it differs from D-RTRL, and its gradient is finite
+    and closer to BPTT's (cosine)."""
+
+    def step(p, h, x):  # h: (B, 6 positions, 1 channel)
+        h = jnp.tanh(ops.conv(h, p["k"], padding="SAME") + x)
+        return h, h
+
+    k = jax.random.split(jax.random.PRNGKey(5), 3)
+    params = {
+        "k": 0.6 * jax.random.normal(k[0], (3, 1, 1), jnp.float64)
+        + jnp.array([[[0.0]], [[0.9]], [[0.0]]])
+    }
+    hidden = 0.5 * jax.random.normal(k[1], (B, 6, 1), jnp.float64)
+    xs = jax.random.normal(k[2], (T, B, 6, 1), jnp.float64)
+    targets = jnp.zeros((T, B, 6, 1))
+    grads = {
+        algo: _learner_grads(step, algo, True, params, hidden, xs, targets)[1]["k"]
+        for algo in (bt.SnAp1(), bt.D_RTRL())
+    }
+    snap, d_rtrl = grads.values()
+    exact = bptt_grad(step, mse, params, hidden, xs, targets, True)["k"]
+    assert np.all(np.isfinite(snap)) and rel_err(snap, d_rtrl) > 1e-3
+    assert rel_err(snap, exact) < rel_err(d_rtrl, exact)

@@ -255,6 +255,42 @@ def test_input_entries_are_the_input_jacobian_entries(op):
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "k_shape", "options"),
+    [
+        ((6, 6, 2), (3, 3, 2, 2), {"padding": "SAME"}),
+        (
+            (7, 5, 4),
+            (3, 2, 2, 6),
+            dict(strides=(2, 1), padding="VALID", rhs_dilation=(1, 2), feature_group_count=2),
+        ),
+        (
+            (4, 7),
+            (4, 2, 3),
+            dict(strides=2, padding="SAME_LOWER", layout="channels_first", feature_group_count=2),
+        ),
+    ],
+    ids=["same", "strided-dilated-grouped", "channels-first"],
+)
+def test_conv_input_entries_are_the_input_jacobian_entries(x_shape, k_shape, options):
+    """Each output element reads an input element inside its window (or none, -1)."""
+    k = jax.random.split(jax.random.PRNGKey(1), 2)
+    x = jax.random.normal(k[0], x_shape, F64)
+    w = jax.random.normal(k[1], k_shape, F64)
+    fn = lambda x: bt.ops.conv(x, w, **options)  # noqa: E731
+    jac = np.asarray(jax.jacfwd(fn)(x)).reshape(-1, x.size)
+    rng = np.random.default_rng(0)
+    index = np.array([rng.choice(np.flatnonzero(row)) if row.any() else -1 for row in jac])
+    index[::5] = -1
+    jaxpr = jax.make_jaxpr(fn)(x)
+    (eqn,) = [e for e in jaxpr.jaxpr.eqns if bt.registry.is_etp_primitive(e.primitive)]
+    rule = bt.registry.get_rule(eqn.primitive, "input_entries")
+    got = rule(x, w, input_index=index, **eqn.params)
+    want = np.where(index >= 0, jac[np.arange(len(index)), np.maximum(index, 0)], 0.0)
+    assert (want != 0).sum() > len(index) // 2  # the check sees real taps
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
 @pytest.mark.slow
 def test_snap1_over_one_window_is_bptt_and_resets_like_d_rtrl():
     params, h0, xs, targets, _ = _rnn_case()

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _checks
@@ -215,6 +216,49 @@ def conv_xy_to_dw(x, y_cotangent, w, **params):
     return {k: g.astype(w[k].dtype) for k, g in zip(order, grads)}
 
 
+def _taps(x_shape, y_shape, window, input_index, params) -> tuple:
+    """Static: per element ``j`` of one sample's ``y``, the kernel tap ``(*w, c, o)``
+    linking ``x[input_index[j]]`` to ``y[j]`` and whether there is one (channels-last)."""
+    n = len(window)
+    index = np.asarray(input_index).reshape(-1)
+    ys = np.stack(np.unravel_index(np.arange(index.size), y_shape))  # (n + 1, Y)
+    xs = np.stack(np.unravel_index(np.maximum(index, 0), x_shape))
+    if params["layout"] == "channels_first":  # channel first: move it last
+        ys, xs = np.roll(ys, -1, axis=0), np.roll(xs, -1, axis=0)
+    spatial = x_shape[1:] if params["layout"] == "channels_first" else x_shape[:-1]
+    dilation = params["rhs_dilation"]
+    padding = params["padding"]
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+        padding = lax.padtype_to_pads(spatial, dilated, params["strides"], padding)
+    valid = index >= 0
+    taps = []
+    for d in range(n):
+        offset = xs[d] - ys[d] * params["strides"][d] + padding[d][0]
+        tap, rest = np.divmod(offset, dilation[d])
+        valid &= (rest == 0) & (tap >= 0) & (tap < window[d])
+        taps.append(np.clip(tap, 0, window[d] - 1))
+    channel = 0 if params["layout"] == "channels_first" else -1
+    c_in, c_out = x_shape[channel], y_shape[channel]
+    groups = params["feature_group_count"]
+    c, o = xs[n], ys[n]
+    valid &= c // (c_in // groups) == o // (c_out // groups)
+    return tuple(taps) + (c % (c_in // groups), o), valid
+
+
+def conv_input_entries(x, kernel, *bias, input_index, **params):
+    """``dy[j] / dx[input_index[j]]``: the kernel tap linking that input to ``y[j]`` (0 if none)."""
+    if params["dtype"] is not None:
+        kernel = kernel.astype(params["dtype"])
+    n = kernel.ndim - 2
+    sample = x.shape[1:] if x.ndim == n + 2 else x.shape
+    struct = jax.ShapeDtypeStruct(sample, kernel.dtype)
+    y_shape = jax.eval_shape(lambda a: _conv_impl(a, kernel, *bias, **params), struct).shape
+    last = _kernel_last(kernel, params["layout"])
+    taps, valid = _taps(sample, y_shape, last.shape[:n], input_index, params)
+    return jnp.where(jnp.asarray(valid), last[taps], 0)
+
+
 def _init_drtrl(batched, layout, x_var, y_var, weight_var, num_states):
     lead = (x_var.shape[0],) if batched else ()
     kernel = weight_var["kernel"]
@@ -240,6 +284,7 @@ def _rules(layout: str, batched: bool) -> dict:
         init_pp=init_output_trace,
         xy_to_trace=conv_xy_to_trace,
         trace_to_dw=conv_trace_to_dw,
+        input_entries=conv_input_entries,
     )
 
 
