@@ -38,7 +38,7 @@ def pytest_configure(config):
         config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
     if hasattr(config, "workerinput"):
         jax.config.update("jax_compilation_cache_dir", str(_shared_dir(config) / "jax-cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def pytest_unconfigure(config):

@@ -61,9 +61,9 @@ def _steps_in_user_scan(learner, params, state, xs, targets):
 # -- the exact class ---------------------------------------------------------------------
 
 
-# Every model and every mode runs in the default suite, each model in one mode (the
-# other six pairs with -m slow; test_exactness.py covers the exact class again).
-_FAST_EXACT = {("alif", "vmapped"), ("lif", "batched")}  # lora: test_exactness.py
+# One model and mode runs in the default suite (the other pairs with -m slow;
+# test_exactness.py covers every model of the exact class, batched and not).
+_FAST_EXACT = {("lif", "batched")}  # alif, lora: test_exactness.py; vmapped: test_index_maps
 
 
 @pytest.mark.parametrize(

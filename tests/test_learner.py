@@ -294,6 +294,7 @@ def test_batch_size_and_foreign_state_raise_braintrace_errors():
 # -- ensembles and one evaluation -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vmap_over_an_ensemble_of_parameters():
     step, params, hidden, xs, targets = _setup("rlif", t=4)
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 0.5 * a]), params)

@@ -130,6 +130,7 @@ class _EqxNet(eqx.Module):
         return hidden, hidden[0][:2]
 
 
+@pytest.mark.slow
 def test_a_batch_is_the_mean_of_its_samples_each_on_its_own_stream():
     """The batched learner (per-sample cotangents through the ops' rules, one batched
     forward-mode pass) against the unbatched one, whose estimate the unbiasedness test
