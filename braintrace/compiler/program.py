@@ -73,10 +73,14 @@ class Program:
 
     def aval_of(self, atom):
         """Abstract value of an atom (a value id or a :class:`Const`)."""
-        if isinstance(atom, Const):
-            value = atom.value
-            return jax.core.ShapedArray(jax.numpy.shape(value), jax.numpy.result_type(value))
-        return self.avals[atom]
+        return _aval_of(atom, self.avals)
+
+
+def _aval_of(atom, avals: dict):
+    if isinstance(atom, Const):
+        value = atom.value
+        return jax.core.ShapedArray(jax.numpy.shape(value), jax.numpy.result_type(value))
+    return avals[atom]
 
 
 def _closed(jaxpr):
@@ -130,10 +134,7 @@ class _Builder:
         return vid
 
     def aval_of(self, atom):
-        if isinstance(atom, Const):
-            value = atom.value
-            return jax.core.ShapedArray(jax.numpy.shape(value), jax.numpy.result_type(value))
-        return self.avals[atom]
+        return _aval_of(atom, self.avals)
 
     def count(self, kind: str) -> int:
         return sum(c.kind == kind for c in self.control)

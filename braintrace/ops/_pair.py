@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ..primitive import ETPPrimitive, register_primitive
 
-__all__ = ["register_pair"]
+__all__ = ["register_pair", "weight_and_bias"]
 
 
 def register_pair(
@@ -30,3 +30,13 @@ def register_pair(
     for prim, is_batched in ((unbatched, False), (batched, True)):
         prim.register_etp_rules(**rules(is_batched))
     return unbatched, batched
+
+
+def weight_and_bias(weight: str) -> Callable:
+    """The ``trainable_invars_fn`` of an op ``(x, weight[, bias])``: ``{weight: 1}``, plus
+    ``{'bias': 2}`` when the equation's ``has_bias`` parameter is set."""
+
+    def trainables(params) -> dict:
+        return {weight: 1, "bias": 2} if params["has_bias"] else {weight: 1}
+
+    return trainables

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks
-from ._pair import register_pair
+from ._pair import register_pair, weight_and_bias
 from .dense import init_output_trace
 
 __all__ = [
@@ -119,11 +119,7 @@ def _conv_impl(
     return y[0] if unbatched else y
 
 
-def _trainables(params):
-    names = {"kernel": 1}
-    if params["has_bias"]:
-        names["bias"] = 2
-    return names
+_trainables = weight_and_bias("kernel")
 
 
 # -- rules (shared by the batched and unbatched primitives) ---------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks
-from ._pair import register_pair
+from ._pair import register_pair, weight_and_bias
 
 __all__ = ["dense", "etp_mv", "etp_mm", "WEIGHT_LAYOUTS"]
 
@@ -40,11 +40,7 @@ def _dense_impl(x, weight, *bias, weight_layout, has_bias, dtype, precision):
     return y
 
 
-def _trainables(params):
-    names = {"weight": 1}
-    if params["has_bias"]:
-        names["bias"] = 2
-    return names
+_trainables = weight_and_bias("weight")
 
 
 # -- rules (shared by the batched and unbatched primitives) --------------------

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._pair import register_pair
+from ._pair import register_pair, weight_and_bias
 from .dense import init_output_trace
 
 __all__ = [
@@ -123,11 +123,7 @@ def _einsum_impl(x, weight, *bias, spec, has_bias, dtype, precision, preferred_e
     return y
 
 
-def _trainables(params):
-    names = {"weight": 1}
-    if params["has_bias"]:
-        names["bias"] = 2
-    return names
+_trainables = weight_and_bias("weight")
 
 
 # -- rules: ``batched`` is bound per primitive; its gradient rules sum over the batch --------

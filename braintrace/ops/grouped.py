@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._pair import register_pair
+from ._pair import register_pair, weight_and_bias
 from .dense import WEIGHT_LAYOUTS, _init_drtrl, _sum_lead, entries_at, init_output_trace
 
 __all__ = ["grouped_dense", "etp_grouped_mv", "etp_grouped_mm", "block_diagonal"]
@@ -51,11 +51,7 @@ def _grouped_impl(x, weight, *bias, weight_layout, has_bias, dtype, precision):
     return y
 
 
-def _trainables(params):
-    names = {"weight": 1}
-    if params["has_bias"]:
-        names["bias"] = 2
-    return names
+_trainables = weight_and_bias("weight")
 
 
 # -- rules (shared by both primitives; ``...`` is the batch axis of etp_grouped_mm) ----------

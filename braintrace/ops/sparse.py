@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._pair import register_pair
+from ._pair import register_pair, weight_and_bias
 from .dense import _init_drtrl, _sum_lead, entries_at, init_output_trace
 
 __all__ = ["sparse_dense", "SparsePattern", "etp_sparse_mv", "etp_sparse_mm"]
@@ -149,11 +149,7 @@ def _sparse_impl(x, values, *bias, pattern, has_bias, dtype):
     return y
 
 
-def _trainables(params):
-    names = {"values": 1}
-    if params["has_bias"]:
-        names["bias"] = 2
-    return names
+_trainables = weight_and_bias("values")
 
 
 # -- rules (shared by both primitives; ``...`` is the batch axis of etp_sparse_mm) -----------
