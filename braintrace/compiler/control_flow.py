@@ -146,6 +146,10 @@ def guard(builder, atom):
 def inline_cond(builder, eqn, ins: list) -> list:
     """Inline every branch of a ``cond`` on guarded operands; merge by the index."""
     index, operands = ins[0], ins[1:]
+    n = len(eqn.params["branches"])
+    etp = sum(count_etp(b) for b in eqn.params["branches"])
+    label = f"cond #{builder.count('cond')} ({n} branches)"  # numbered before nested ones
+    builder.control.append(ControlFlow("cond", label, "inlined", None, etp))
     outer = builder.taken
     per_branch = []
     for b, branch in enumerate(eqn.params["branches"]):
@@ -162,11 +166,6 @@ def inline_cond(builder, eqn, ins: list) -> list:
         emit(builder, _merge, index, *(outs[j] for outs in per_branch))[0]
         for j in range(len(eqn.outvars))
     ]
-    n = len(eqn.params["branches"])
-    etp = sum(count_etp(b) for b in eqn.params["branches"])
-    builder.control.append(
-        ControlFlow("cond", f"cond #{builder.count('cond')} ({n} branches)", "inlined", None, etp)
-    )
     return merged
 
 
@@ -275,6 +274,8 @@ def _unroll(builder, eqn, ins: list) -> list:
     """A scan unrolled into its iterations (at most :data:`UNROLL_MAX`)."""
     p = eqn.params
     body, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
+    label = f"{loop_kind(eqn)} #{builder.count('scan')}"  # numbered before nested ones
+    builder.control.append(ControlFlow("scan", label, "unrolled", None, count_etp(body)))
     consts = ins[:n_consts]
     carry = ins[n_consts : n_consts + n_carry]
     xs = ins[n_consts + n_carry :]
@@ -286,8 +287,6 @@ def _unroll(builder, eqn, ins: list) -> list:
         carry, per_step[k] = outs[:n_carry], outs[n_carry:]
     n_ys = len(eqn.outvars) - n_carry
     ys = [emit(builder, _stack, *(per_step[k][j] for k in steps))[0] for j in range(n_ys)]
-    label = f"{loop_kind(eqn)} #{builder.count('scan')}"
-    builder.control.append(ControlFlow("scan", label, "unrolled", None, count_etp(body)))
     return list(carry) + ys
 
 
