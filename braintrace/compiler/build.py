@@ -22,6 +22,7 @@ from ..primitive import compiling
 from . import index_maps
 from . import program as prog
 from .analysis import Analysis
+from .eqns import contains_primitive, sub_jaxprs
 from .errors import CompileError
 from .graph import ETPGraph, HiddenGroup, OpInfo, Relation, SelfLoop
 from .paths import analyse, merge
@@ -199,8 +200,8 @@ def _producer_chain(program, atom, param_vids):
 
 def _check_no_hidden_etp(program):
     for node in program.nodes:
-        for sub in prog.sub_jaxprs(node.params):
-            if prog.contains_primitive(sub, registry.is_etp_primitive):
+        for sub in sub_jaxprs(node.params):
+            if contains_primitive(sub, registry.is_etp_primitive):
                 raise CompileError(
                     f"an ETP op sits inside a '{node.primitive.name}' (a custom_jvp/custom_vjp "
                     "function); the compiler cannot hold its output fixed there. Call the ETP "

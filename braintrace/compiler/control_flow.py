@@ -66,21 +66,20 @@ def _is_etp(prim) -> bool:
     return registry.is_etp_primitive(prim)
 
 
-def count_etp(jaxpr) -> int:
-    """ETP equations in ``jaxpr`` and its sub-jaxprs."""
-    inner = getattr(jaxpr, "jaxpr", jaxpr)
-    return sum(1 if _is_etp(e.primitive) else len(_etp_eqns(e)) for e in inner.eqns)
+def _etp_in(jaxpr) -> list:
+    """The ETP equations of ``jaxpr``, those in its nested jaxprs included."""
+    inner, _ = eqns.closed_parts(jaxpr)
+    return [found for e in inner.eqns for found in ([e] if _is_etp(e.primitive) else _etp_eqns(e))]
 
 
 def _etp_eqns(eqn) -> list:
     """The ETP equations anywhere inside ``eqn``'s sub-jaxprs."""
-    found = []
-    for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-            inner = getattr(sub, "jaxpr", sub)
-            for e in getattr(inner, "eqns", ()):
-                found += [e] if _is_etp(e.primitive) else _etp_eqns(e)
-    return found
+    return [found for sub in eqns.sub_jaxprs(eqn.params) for found in _etp_in(sub)]
+
+
+def count_etp(jaxpr) -> int:
+    """ETP equations in ``jaxpr`` and its sub-jaxprs."""
+    return len(_etp_in(jaxpr))
 
 
 def loop_kind(eqn) -> str:

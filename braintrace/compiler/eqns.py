@@ -1,10 +1,13 @@
-"""Binding jaxpr equations one by one (the program, loops re-traced by the compiler)."""
+"""Jaxpr equations one by one: binding them, and the jaxprs nested in them.
+
+Shared by the program (flattening, evaluation) and the control-flow rewrites.
+"""
 
 from __future__ import annotations
 
 from jax.extend import core as jcore
 
-__all__ = ["bind", "eval_eqns"]
+__all__ = ["bind", "eval_eqns", "closed_parts", "sub_jaxprs", "contains_primitive"]
 
 
 def bind(primitive, params, invals):
@@ -28,3 +31,30 @@ def eval_eqns(eqns, env: dict) -> None:
         for var, value in zip(eqn.outvars, outs):
             if not isinstance(var, jcore.DropVar):
                 env[var] = value
+
+
+def closed_parts(jaxpr) -> tuple:
+    """``(Jaxpr, consts)`` of a ``ClosedJaxpr`` or a ``Jaxpr``."""
+    if isinstance(jaxpr, jcore.ClosedJaxpr):
+        return jaxpr.jaxpr, list(jaxpr.consts)
+    return jaxpr, []
+
+
+def sub_jaxprs(params) -> list:
+    """The (closed) jaxprs held in an equation's params, in order."""
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                found.append(item)
+    return found
+
+
+def contains_primitive(jaxpr, predicate) -> bool:
+    """Whether ``jaxpr`` (recursively) has an equation whose primitive satisfies ``predicate``."""
+    inner, _ = closed_parts(jaxpr)
+    return any(
+        predicate(eqn.primitive)
+        or any(contains_primitive(sub, predicate) for sub in sub_jaxprs(eqn.params))
+        for eqn in inner.eqns
+    )

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import registry
 from . import program as prog
+from .eqns import sub_jaxprs
 from .paths import ELEMENTWISE, MOVERS, WITH_BODY
 
 __all__ = ["fold_constants", "element_positions", "per_sample_map", "colour", "take_mapped"]
@@ -36,7 +37,7 @@ def fold_constants(program: prog.Program) -> dict:
         return atom.value if isinstance(atom, prog.Const) else known.get(atom)
 
     for node in program.nodes:
-        if prog.sub_jaxprs(node.params) or node.primitive.name in WITH_BODY:
+        if sub_jaxprs(node.params) or node.primitive.name in WITH_BODY:
             continue
         inputs = [value(a) for a in node.inputs]
         if any(v is None for v in inputs) or any(

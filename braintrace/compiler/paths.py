@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 from .. import registry
-from .program import Program, is_inexact, sub_jaxprs
+from .eqns import sub_jaxprs
+from .program import Program, is_inexact
 
 # Operations that map position k of every operand to position k of the result.
 ELEMENTWISE = frozenset(

@@ -18,7 +18,7 @@ from jax.extend import core as jcore
 
 from .. import registry
 from . import control_flow
-from .eqns import bind
+from .eqns import bind, closed_parts, sub_jaxprs
 from .errors import CompileError
 
 # Call primitives inlined ("pjit" is jax.jit in older JAX; "remat2" is jax.checkpoint).
@@ -83,39 +83,6 @@ def _aval_of(atom, avals: dict):
     return avals[atom]
 
 
-def _closed(jaxpr):
-    """(Jaxpr, consts) from a ClosedJaxpr or a Jaxpr."""
-    if isinstance(jaxpr, jcore.ClosedJaxpr):
-        return jaxpr.jaxpr, list(jaxpr.consts)
-    return jaxpr, []
-
-
-def _sub_jaxprs(params):
-    for value in params.values():
-        if isinstance(value, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-            yield value
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                    yield item
-
-
-def contains_primitive(jaxpr, predicate) -> bool:
-    """Whether ``jaxpr`` (recursively) has an equation whose primitive satisfies ``predicate``."""
-    inner, _ = _closed(jaxpr)
-    for eqn in inner.eqns:
-        if predicate(eqn.primitive):
-            return True
-        if any(contains_primitive(sub, predicate) for sub in _sub_jaxprs(eqn.params)):
-            return True
-    return False
-
-
-def sub_jaxprs(params) -> list:
-    """The (closed) jaxprs held in an equation's params."""
-    return list(_sub_jaxprs(params))
-
-
 class _Builder:
     def __init__(self):
         self.nodes: list[Node] = []
@@ -160,8 +127,8 @@ class _Builder:
     def _equation(self, eqn, ins) -> list:
         name = eqn.primitive.name
         if name in INLINED:
-            sub = next(iter(_sub_jaxprs(eqn.params)))
-            inner, inner_consts = _closed(sub)
+            sub = sub_jaxprs(eqn.params)[0]
+            inner, inner_consts = closed_parts(sub)
             return self.inline(inner, inner_consts, ins)
         if name == "cond":
             return control_flow.inline_cond(self, eqn, ins)
@@ -194,7 +161,7 @@ class _Builder:
 def flatten(closed_jaxpr) -> Program:
     """Flatten a ``ClosedJaxpr`` into a :class:`Program`."""
     builder = _Builder()
-    jaxpr, consts = _closed(closed_jaxpr)
+    jaxpr, consts = closed_parts(closed_jaxpr)
     inputs = [builder.new_value(v.aval) for v in jaxpr.invars]
     outputs = builder.inline(jaxpr, consts, inputs)
     return Program(builder.nodes, inputs, outputs, builder.avals, tuple(builder.control))
