@@ -56,6 +56,13 @@ def common_dtype(op: str, dtype: Any, **arrays: jnp.ndarray | None) -> np.dtype:
     return np.dtype(next(iter(kinds)))
 
 
+def cast(dtype: Any, *arrays: jax.Array) -> tuple:
+    """``arrays`` in the compute ``dtype`` (an op's ``dtype=`` parameter; ``None``: as they are)."""
+    if dtype is None:
+        return arrays
+    return tuple(a.astype(dtype) for a in arrays)
+
+
 def checked_signature(op: str):
     """Decorate a public op so a wrong call names the op and shows its signature."""
 

@@ -101,8 +101,7 @@ def _conv_impl(
     layout,
 ):
     del has_bias
-    if dtype is not None:
-        x, kernel, *bias = (a.astype(dtype) for a in (x, kernel, *bias))
+    x, kernel, *bias = _checks.cast(dtype, x, kernel, *bias)
     lhs, unbatched = _with_batch(x, kernel)
     y = lax.conv_general_dilated(
         lhs,

@@ -24,15 +24,9 @@ WEIGHT_LAYOUTS = ("in_out", "out_in")
 _OP = "braintrace.ops.dense"
 
 
-def _cast(dtype, *arrays):
-    if dtype is None:
-        return arrays
-    return tuple(a.astype(dtype) for a in arrays)
-
-
 def _dense_impl(x, weight, *bias, weight_layout, has_bias, dtype, precision):
     del has_bias
-    x, weight, *bias = _cast(dtype, x, weight, *bias)
+    x, weight, *bias = _checks.cast(dtype, x, weight, *bias)
     w_contract = 0 if weight_layout == "in_out" else 1
     y = lax.dot_general(x, weight, (((x.ndim - 1,), (w_contract,)), ((), ())), precision=precision)
     if bias:
@@ -90,7 +84,7 @@ def entries_at(matrix, input_index, weight_layout="in_out"):
 
 def dense_input_entries(x, weight, *bias, input_index, weight_layout, dtype, **_):
     """``dy[j] / dx[input_index[j]]``: the weight's entry linking that input to ``y[j]``."""
-    (weight,) = _cast(dtype, weight)
+    (weight,) = _checks.cast(dtype, weight)
     return entries_at(weight, input_index, weight_layout)
 
 

@@ -101,15 +101,11 @@ def _lead(spec: EinsumSpec, batched: bool) -> str:
     return spec.batch if batched else ""
 
 
-def _cast(dtype, arrays):
-    return arrays if dtype is None else tuple(a.astype(dtype) for a in arrays)
-
-
 def _einsum_impl(x, weight, *bias, spec, has_bias, dtype, precision, preferred_element_type):
     del has_bias
     s = parse_spec(spec)
     b = _lead(s, x.ndim == len(s.x) + 1)
-    x, weight, *bias = _cast(dtype, (x, weight, *bias))
+    x, weight, *bias = _checks.cast(dtype, x, weight, *bias)
     y = jnp.einsum(
         f"{b}{s.x},{s.w}->{b}{s.y}",
         x,

@@ -41,8 +41,7 @@ def _block_spec(weight_layout):
 
 def _grouped_impl(x, weight, *bias, weight_layout, has_bias, dtype, precision):
     del has_bias
-    if dtype is not None:
-        x, weight, *bias = (a.astype(dtype) for a in (x, weight, *bias))
+    x, weight, *bias = _checks.cast(dtype, x, weight, *bias)
     spec = f"...gi,{_block_spec(weight_layout)}->...gk"
     y = jnp.einsum(spec, _split(x, weight.shape[0]), weight, precision=precision)
     y = y.reshape(y.shape[:-2] + (-1,))

@@ -29,8 +29,7 @@ _OP = "braintrace.ops.lora"
 
 
 def _lora_impl(x, lora_a, lora_b, *rest, scale, has_bias, has_base, dtype=None):
-    if dtype is not None:
-        x, lora_a, lora_b, *rest = (a.astype(dtype) for a in (x, lora_a, lora_b, *rest))
+    x, lora_a, lora_b, *rest = _checks.cast(dtype, x, lora_a, lora_b, *rest)
     y = scale * ((x @ lora_a) @ lora_b)
     if has_base:
         y = y + x @ rest[-1]
@@ -88,8 +87,7 @@ def lora_trace_to_dw(dtrace, w, *, scale, has_bias, **_):
 
 def lora_input_entries(x, lora_a, lora_b, *rest, input_index, scale, has_base, dtype=None, **_):
     """``dy[j] / dx[input_index[j]]``: the effective weight ``W0 + s A B``'s entry."""
-    if dtype is not None:
-        lora_a, lora_b, *rest = (a.astype(dtype) for a in (lora_a, lora_b, *rest))
+    lora_a, lora_b, *rest = _checks.cast(dtype, lora_a, lora_b, *rest)
     effective = scale * (lora_a @ lora_b)
     if has_base:
         effective = effective + rest[-1]

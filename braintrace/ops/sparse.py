@@ -136,8 +136,7 @@ def _dense_path(pattern) -> bool:
 
 def _sparse_impl(x, values, *bias, pattern, has_bias, dtype):
     del has_bias
-    if dtype is not None:
-        x, values, *bias = (a.astype(dtype) for a in (x, values, *bias))
+    x, values, *bias = _checks.cast(dtype, x, values, *bias)
     if _dense_path(pattern):
         y = x @ pattern.to_dense(values)
     else:
